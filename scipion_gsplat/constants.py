@@ -1,0 +1,9 @@
+"""Names shared by the plugin's protocols and viewers."""
+
+# Environment variables read by the Plugin (all optional).
+GSPLAT_DEVICE = "GSPLAT_DEVICE"      # default --device of the programs (auto, cpu, cuda)
+GSPLAT_BIN = "GSPLAT_BIN"            # folder holding the gsplat_* programs, if not next to python
+
+# Per-particle attributes the plugin writes on Scipion particles.
+ATTR_RANDOM_SUBSET = "_rlnRandomSubset"
+ATTR_CLASS_NUMBER = "_rlnClassNumber"

@@ -1,0 +1,3 @@
+"""Conversions between Scipion objects and the programs' STAR/MRC files."""
+from .alignment import matrix_to_relion, relion_to_matrix
+from .particles import rows_by_image_id, set_to_star, star_to_set

@@ -1,0 +1,309 @@
+"""Fourier reconstruction from particles with known poses and CTF.
+
+As in RELION's back-projector: each image's rfft is taken on its own ``n``-pixel
+grid, translated back by its origin and multiplied by its CTF; its samples are
+inserted by trilinear interpolation at twice their frequency into a ×2 padded 3D
+transform ``D = Σ CTF·X``, and the CTF² alongside into ``W = Σ CTF²``. Particles
+go into their half set's sums (``rlnRandomSubset``). The map is::
+
+    V(k) = D(k) / max(W(k) [+ W̄(|k|) / (fudge · SSNR(|k|))], W̄(|k|)/1000)
+
+followed by the inverse transform, the sinc² correction of the trilinear
+gridding, cropping to ``n`` and a soft spherical mask. The optional Wiener term
+uses the SSNR measured from the data itself: the half-map FSC gives
+``SSNR_half = FSC / (1 − FSC)`` (``2·FSC/(1−FSC)`` for the full set) and ``W̄`` is
+the shell mean of ``W``; this is RELION's MAP estimator written with the FSC in
+place of an explicit noise model. Off by default, as in ``relion_reconstruct``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch_fourier_slice.volume_utils import separable_sinc2_correction
+
+from .ctf import ctf_2d
+from .fourier import as_tensor, crop_to, image_rfft, shift_phase
+from .fsc import fsc_curve, shell_index
+from .io import ImageReader, InputError, ParticleStar
+from .masks import soft_sphere
+from .symmetry import expand_poses
+
+PAD = 2.0
+
+
+@dataclass
+class Reconstruction:
+    """Result of :func:`reconstruct_particles`.
+
+    Attributes:
+        full, half1, half2: ``[z, y, x]`` float32 maps (box ``n``).
+        fsc: ``(n//2 + 1,)`` FSC between the half maps, per shell.
+        frequency: ``(n//2 + 1,)`` shell frequency in 1/Å.
+        pixel_size_A: pixel size in Å.
+        n_particles: particles used (per half: ``n_half``).
+    """
+    full: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
+    fsc: np.ndarray
+    frequency: np.ndarray
+    pixel_size_A: float
+    n_particles: int
+    n_half: tuple
+    seconds: float = 0.0
+
+    def resolution_A(self, threshold: float = 0.143) -> float:
+        """Resolution (Å) where the half-map FSC first drops below ``threshold``."""
+        from .fsc import resolution_at
+        return resolution_at(self.frequency, self.fsc, threshold)
+
+
+class FourierAccumulator:
+    """Running sums ``D = Σ CTF·X`` and ``W = Σ CTF²`` on a ×2 padded 3D rfft grid.
+
+    As in RELION's back-projector, each image's rfft is taken on its own
+    ``n``-pixel grid (where the CTF and the origin shift are applied, matching
+    how the images were formed) and its samples are inserted at twice their
+    frequency index into the ``2n`` grid by trilinear interpolation. The
+    insertion is our own scatter (``index_add_``): torch-fourier-slice's inserter
+    took 13 s per 1000 images of 64 px on 2 cores (it pads the images and inserts
+    4× more samples), this one under 1 s.
+
+    Grid layout: ``(2n, 2n, n + 1)`` with the z and y axes fftshifted (origin at
+    index ``n``) and x the non-negative rfft half.
+    """
+
+    def __init__(self, box: int, pixel_size_A: float, device="cpu", max_shell: Optional[float] = None):
+        self.box = box
+        self.size = int(round(box * PAD))
+        self.pixel_size_A = pixel_size_A
+        self.device = torch.device(device)
+        # one voxel of margin on each axis so that trilinear corners never fall outside
+        self._shape = (self.size + 2, self.size + 2, self.size // 2 + 2)
+        n_vox = int(np.prod(self._shape))
+        self._d = torch.zeros(n_vox, dtype=torch.complex64, device=self.device)
+        self._w = torch.zeros(n_vox, dtype=torch.float32, device=self.device)
+        self.count = 0
+        # slice samples: unshifted rfft indices of the n grid, and their frequencies
+        ky = torch.fft.fftfreq(box, d=1.0 / box, device=self.device)
+        kx = torch.arange(box // 2 + 1, device=self.device, dtype=torch.float32)
+        gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+        rmax = box / 2 if max_shell is None else min(box / 2, float(max_shell))
+        keep = (gx ** 2 + gy ** 2 <= rmax ** 2) & ~((gx == 0) & (gy < 0))
+        self._flat = torch.nonzero(keep.ravel()).squeeze(1)  # (P,) into the (n, n//2+1) rfft
+        self._kxy = torch.stack([gx[keep], gy[keep]], dim=-1) * PAD  # (P, 2) padded units
+
+    def insert(self, images: torch.Tensor, poses: np.ndarray, shifts_A: Optional[np.ndarray],
+               ctf_params: Optional[dict], symmetry: str = "C1") -> None:
+        """Back-project a batch.
+
+        Args:
+            images: ``(B, n, n)`` particle images.
+            poses: ``(B, 3, 3)`` RELION matrices.
+            shifts_A: ``(B, 2)`` origins in Å, or None.
+            ctf_params: per-particle CTF arrays ``(B,)`` or None (CTF = 1).
+            symmetry: point group; each image is inserted at every ``A·R``.
+        """
+        b = images.shape[0]
+        spec = image_rfft(images.to(self.device, torch.float32))
+        if shifts_A is not None:  # move the particle back to the box centre (+origin)
+            spec = spec * shift_phase(as_tensor(shifts_A, self.device), self.box, self.pixel_size_A)
+        if ctf_params is not None:
+            ctf = ctf_2d(ctf_params, self.box, self.pixel_size_A, device=self.device)
+            spec, wgt = spec * ctf, ctf * ctf
+        else:
+            wgt = torch.ones(spec.shape, device=self.device)
+        dvals = spec.reshape(b, -1)[:, self._flat]
+        wvals = wgt.reshape(b, -1)[:, self._flat]
+        mats = expand_poses(poses, symmetry)  # (B, G, 3, 3)
+        g = mats.shape[1]
+        if g > 1:
+            dvals = dvals.repeat_interleave(g, dim=0)
+            wvals = wvals.repeat_interleave(g, dim=0)
+        self._scatter(as_tensor(mats.reshape(-1, 3, 3), self.device), dvals, wvals)
+        self.count += b
+
+    def _scatter(self, mats: torch.Tensor, dvals: torch.Tensor, wvals: torch.Tensor) -> None:
+        """Trilinear scatter of slice samples ``(B, P)`` at frequencies ``Aᵀ·k``."""
+        sz, sy, sx = self._shape
+        r = torch.einsum("pk,bkj->bpj", self._kxy, mats[:, :2, :])  # (B, P, xyz)
+        flip = r[..., 0] < 0  # store the Friedel mate in the x >= 0 half
+        r = torch.where(flip[..., None], -r, r)
+        dvals = torch.where(flip, dvals.conj(), dvals).reshape(-1)
+        wvals = wvals.reshape(-1)
+        r[..., 1:] += self.size // 2
+        f = torch.floor(r)
+        t = (r - f).reshape(-1, 3)
+        i0 = f.to(torch.int64).reshape(-1, 3)
+        base = (i0[:, 2] * sy + i0[:, 1]) * sx + i0[:, 0]
+        tx, ty, tz = t[:, 0], t[:, 1], t[:, 2]
+        for dz in (0, 1):
+            wz = tz if dz else 1 - tz
+            for dy in (0, 1):
+                wzy = wz * (ty if dy else 1 - ty)
+                for dx in (0, 1):
+                    c = wzy * (tx if dx else 1 - tx)
+                    idx = base + ((dz * sy + dy) * sx + dx)
+                    self._d.index_add_(0, idx, dvals * c)
+                    self._w.index_add_(0, idx, wvals * c)
+
+    def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D, W)`` on the ``(2n, 2n, n+1)`` grid, x = 0 plane made Hermitian."""
+        s, h = self.size, self.size // 2 + 1
+        d = self._d.reshape(self._shape)[:s, :s, :h].clone()
+        w = self._w.reshape(self._shape)[:s, :s, :h].clone()
+        mirror = (s - torch.arange(s, device=self.device)) % s  # index of −k on a shifted axis
+        d0, w0 = d[:, :, 0], w[:, :, 0]
+        d[:, :, 0] = d0 + d0[mirror][:, mirror].conj()
+        w[:, :, 0] = w0 + w0[mirror][:, mirror]
+        return d, w
+
+    def __iadd__(self, other: "FourierAccumulator"):
+        self._d += other._d
+        self._w += other._w
+        self.count += other.count
+        return self
+
+    def shell_of_padded_grid(self) -> torch.Tensor:
+        """Shell index (in units of the unpadded box) of every padded-grid voxel."""
+        idx = shell_index(self.size, rfft=True, fftshifted=True, device=self.device)
+        return idx.to(torch.float32) / PAD
+
+    def shell_mean(self, grid: torch.Tensor) -> torch.Tensor:
+        """Mean of a padded-grid array per unpadded shell, ``(n//2 + 1,)``."""
+        nshell = self.box // 2 + 1
+        idx = self.shell_of_padded_grid().round().long().clamp(max=nshell - 1).ravel()
+        total = torch.zeros(nshell, device=self.device).index_add_(0, idx, grid.ravel())
+        count = torch.zeros(nshell, device=self.device).index_add_(0, idx, torch.ones_like(grid).ravel())
+        return total / count.clamp(min=1)
+
+    def solve(self, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0) -> np.ndarray:
+        """Real-space map ``[z, y, x]`` (box ``n``) from the sums.
+
+        ``V = D / max(W + W̄/(fudge·SSNR), W̄/1000)`` voxel by voxel, then the
+        inverse transform, the sinc² gridding correction, cropping to ``n`` and
+        a soft spherical mask of radius ``n/2`` (both as ``relion_reconstruct``).
+        We measured RELION's iterative Pipe-Menon density compensation against
+        this direct division on simulated data: it did not change the FSC to the
+        truth (0.763 vs 0.764), so it is not implemented.
+
+        Args:
+            ssnr: ``(n//2 + 1,)`` SSNR per unpadded shell for a Wiener term, or None.
+            fudge: RELION's tau2_fudge (>1 trusts the data more).
+        """
+        data, w = self.grids()
+        shell = self.shell_of_padded_grid()
+        wmean = self.shell_mean(w)
+        if ssnr is not None:
+            s = torch.as_tensor(np.maximum(ssnr, 1e-4) * fudge, device=self.device, dtype=torch.float32)
+            w = w + _interp_shells(wmean / s, shell)
+        floor = _interp_shells(wmean / 1000.0, shell).clamp(min=1e-20)
+        vol = data / torch.maximum(w, floor)
+        vol = torch.where(shell <= self.box / 2, vol, torch.zeros_like(vol))
+        vol = torch.fft.ifftshift(vol, dim=(-3, -2))
+        real = torch.fft.irfftn(vol, s=(self.size,) * 3, dim=(-3, -2, -1))
+        real = torch.fft.fftshift(real, dim=(-3, -2, -1))
+        real = real / separable_sinc2_correction(real.shape, device=self.device)
+        vol_out = crop_to(real, self.box, 3).cpu().numpy().astype(np.float32)
+        # Like RELION, zero the corners beyond the inscribed sphere, where there
+        # is only noise amplified by the gridding correction.
+        return vol_out * soft_sphere(self.box, self.box / 2 - 1, 3.0)
+
+
+def _interp_shells(values: torch.Tensor, shell: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of per-shell ``values`` at fractional shell radii."""
+    n = values.shape[0]
+    s = shell.clamp(max=n - 1)
+    lo = s.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    t = s - lo.to(s.dtype)
+    return values[lo] * (1 - t) + values[hi] * t
+
+
+def backproject_halves(star: ParticleStar, reader: ImageReader, symmetry: str = "C1",
+                       device="cpu", chunk_size: int = 256, rows=None,
+                       progress: Optional[Callable[[int, int], None]] = None,
+                       use_ctf: bool = True, maxres_A: Optional[float] = None):
+    """Back-project every particle (or ``rows``) into its half set's accumulator.
+
+    Args:
+        maxres_A: use Fourier components up to this resolution (Å) only.
+
+    Returns:
+        ``(acc_half1, acc_half2)``.
+    """
+    box, pix = star.box_size, star.pixel_size
+    halves = star.half_set()
+    max_shell = None if maxres_A is None else box * pix / maxres_A
+    accs = (FourierAccumulator(box, pix, device, max_shell),
+            FourierAccumulator(box, pix, device, max_shell))
+    poses, shifts = star.poses(), star.shifts_A()
+    ctf = star.ctf_params() if (use_ctf and star.has_ctf) else None
+    rows = np.arange(len(star)) if rows is None else np.asarray(rows)
+    done = 0
+    for sel, imgs in reader.chunks(chunk_size, rows):
+        imgs_t = torch.from_numpy(imgs)
+        for h, acc in zip((1, 2), accs):
+            m = halves[sel] == h
+            if not m.any():
+                continue
+            r = sel[m]
+            acc.insert(imgs_t[torch.from_numpy(m)], poses[r], shifts[r],
+                       None if ctf is None else {k: v[r] for k, v in ctf.items()}, symmetry)
+        done += len(sel)
+        if progress:
+            progress(done, len(rows))
+    return accs
+
+
+def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: bool = False,
+                 fudge: float = 1.0, n_passes: int = 2) -> Reconstruction:
+    """Half maps, full map and half-map FSC from two accumulators."""
+    box, pix = acc1.box, acc1.pixel_size_A
+    full = FourierAccumulator(box, pix, acc1.device)
+    full += acc1
+    full += acc2
+    h1, h2 = acc1.solve(None), acc2.solve(None)
+    freq, fsc = fsc_curve(h1, h2, pix)
+    if wiener:
+        for _ in range(n_passes):
+            f = np.clip(fsc, 1e-4, 0.999)
+            ssnr_half = f / (1 - f)
+            h1, h2 = acc1.solve(ssnr_half, fudge), acc2.solve(ssnr_half, fudge)
+            freq, fsc = fsc_curve(h1, h2, pix)
+        f = np.clip(fsc, 1e-4, 0.999)
+        vol = full.solve(2 * f / (1 - f), fudge)
+    else:
+        vol = full.solve(None)
+    return Reconstruction(vol, h1, h2, fsc, freq, pix, acc1.count + acc2.count,
+                          (acc1.count, acc2.count))
+
+
+def reconstruct_particles(star: ParticleStar, symmetry: str = "C1", device="cpu",
+                          wiener: bool = False, fudge: float = 1.0, chunk_size: int = 256,
+                          rows=None, progress=None, use_ctf: bool = True,
+                          maxres_A: Optional[float] = None) -> Reconstruction:
+    """Reconstruct a map with half maps and FSC from a particle table.
+
+    Args:
+        star: particles with poses (and CTF unless ``use_ctf=False``).
+        symmetry: point group name.
+        wiener: Wiener-regularise with the SSNR measured from the half maps.
+        fudge: multiplies the SSNR (RELION's tau2_fudge).
+        rows: restrict to these particle rows.
+        maxres_A: highest resolution used (Å).
+    """
+    reader = ImageReader(star)
+    reader.check()
+    t0 = time.time()
+    acc1, acc2 = backproject_halves(star, reader, symmetry, device, chunk_size, rows,
+                                    progress, use_ctf, maxres_A)
+    if acc1.count == 0 or acc2.count == 0:
+        raise InputError("both half sets need particles (rlnRandomSubset 1 and 2)")
+    rec = solve_halves(acc1, acc2, wiener, fudge)
+    rec.seconds = time.time() - t0
+    return rec

@@ -1,0 +1,85 @@
+"""Run Scipion headless: a private environment, projects and protocol waits.
+
+Used by the test suite and the demo. :func:`configure` must run before
+pyworkflow is imported (it reads its configuration from the environment at
+import time).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+HOSTS_CONF = "[localhost]\nPARALLEL_COMMAND = mpirun -np %_(JOB_NODES)d %_(COMMAND)s\n"
+
+
+def configure(root) -> Path:
+    """Point Scipion at a private folder tree under ``root`` and return it.
+
+    Sets SCIPION_HOME, SCIPION_USER_DATA, SCIPION_TESTS, SCIPION_HOSTS (a
+    generated hosts.conf for the local machine), SCIPION_DOMAIN=pwem,
+    SCIPION_NOTIFY=False, SCIPION_TEST_NOSYNC=True, SCIPION_PYTHON (this
+    interpreter, which runs the protocols) and MPLBACKEND=Agg.
+    """
+    if "pyworkflow" in sys.modules:
+        raise RuntimeError("configure() must run before pyworkflow is imported")
+    root = Path(root).absolute()
+    for sub in ("home", "userdata/projects", "tests", "config"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    hosts = root / "config" / "hosts.conf"
+    hosts.write_text(HOSTS_CONF)
+    os.environ.update({
+        "SCIPION_HOME": str(root / "home"),
+        "SCIPION_USER_DATA": str(root / "userdata"),
+        "SCIPION_TESTS": str(root / "tests"),
+        "SCIPION_DOMAIN": "pwem",
+        "SCIPION_HOSTS": str(hosts),
+        "SCIPION_NOTIFY": "False",
+        "SCIPION_TEST_NOSYNC": "True",
+        "SCIPION_PYTHON": sys.executable,
+        "MPLBACKEND": "Agg",
+    })
+    return root
+
+
+def new_project(name: str, location=None):
+    """Create a Scipion project (in SCIPION_USER_DATA/projects by default)."""
+    from pyworkflow.project import Manager
+    return Manager().createProject(name, location=None if location is None else str(location))
+
+
+def log_tail(prot, lines: int = 40) -> str:
+    """The last lines of a protocol's stdout and stderr logs."""
+    out = []
+    for path in (prot.getStdoutLog(), prot.getStderrLog()):
+        p = Path(path) if Path(path).is_absolute() else Path(prot.getProject().path) / path
+        if p.exists():
+            out.append(f"--- {p.name} ---\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out)
+
+
+def launch_and_wait(project, prot, timeout: float = 600.0, expect_failure: bool = False,
+                    poll_seconds: float = 1.0):
+    """Launch ``prot`` and poll its status (``project._updateProtocol``) until it ends.
+
+    Raises:
+        RuntimeError: on timeout, or when the protocol fails (unless
+            ``expect_failure``, in which case a success raises), with the tail
+            of its logs.
+    """
+    project.launchProtocol(prot, wait=False)
+    t0 = time.time()
+    while True:
+        project._updateProtocol(prot)
+        if prot.isFinished() or prot.isFailed() or prot.isAborted():
+            break
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"{prot.getRunName()} did not finish in {timeout} s\n{log_tail(prot)}")
+        time.sleep(poll_seconds)
+    if expect_failure:
+        if not prot.isFailed():
+            raise RuntimeError(f"{prot.getRunName()} should have failed\n{log_tail(prot)}")
+    elif not prot.isFinished():
+        raise RuntimeError(f"{prot.getRunName()} failed: {prot.getErrorMessage()}\n{log_tail(prot)}")
+    return prot

@@ -1,0 +1,1 @@
+"""scipion-gsplat viewers."""

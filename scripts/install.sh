@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Install everything scipion-gsplat needs on Debian 12 (run as root):
+#   system packages (python3-venv, python3-tk, RELION for the reference checks)
+#   and a virtual environment .venv with torch 2.13.0 (CPU) and the plugin,
+#   resolved in one pip call so Scipion's numpy/scipy pins hold.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${GSPLAT_VENV:-$PWD/.venv}"
+PY="${PYTHON:-python3}"
+
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    need=""
+    for pkg in python3-venv python3-tk python3-dev relion; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
+    done
+    if [ -n "$need" ]; then
+        echo "[install] apt-get install$need"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq $need >/dev/null
+    fi
+else
+    echo "[install] not root or no apt-get: skipping system packages (RELION checks will be skipped)"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[install] creating $VENV"
+    "$PY" -m venv "$VENV"
+fi
+pip_quiet() {  # run pip; show its output only on failure (minus local-index noise)
+    local log
+    log="$(mktemp)"
+    if ! "$VENV/bin/python" -m pip "$@" >"$log" 2>&1; then
+        grep -v "is ignored: it is neither a file nor a directory" "$log" || true
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
+}
+echo "[install] pip install torch==2.13.0 .[test]"
+pip_quiet install --progress-bar off torch==2.13.0 ".[test]"
+"$VENV/bin/python" -m pip check
+"$VENV/bin/python" -c "import tkinter, torch, pwem, scipion_gsplat.programs.simulate; print('[install] ok: torch', torch.__version__)"

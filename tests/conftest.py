@@ -1,0 +1,38 @@
+"""Test harness: a private, headless Scipion environment and shared simulated data.
+
+The Scipion variables are set here, before any test imports pyworkflow: every
+run gets its own temporary SCIPION_HOME / SCIPION_USER_DATA / SCIPION_TESTS and a
+generated hosts.conf, so tests never touch a user's Scipion installation.
+"""
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from scipion_gsplat.headless import configure  # noqa: E402  (imports no pyworkflow)
+
+configure(tempfile.mkdtemp(prefix="gsplat-tests-"))
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def lysozyme_pdb() -> Path:
+    return DATA / "1aki.pdb"
+
+
+@pytest.fixture(scope="session")
+def sim_small(tmp_path_factory, lysozyme_pdb) -> Path:
+    """400 lysozyme particles, 40 px at 2 Å, SNR 1, made by gsplat_simulate
+    in-process (shared by the tests of one session)."""
+    from scipion_gsplat.programs import simulate
+    out = tmp_path_factory.mktemp("sim_small")
+    code = simulate.run(["-i", str(lysozyme_pdb), "-o", str(out), "-n", "400", "--box", "40",
+                         "--angpix", "2.0", "--snr", "1.0", "--seed", "3", "--device", "cpu"])
+    assert code == 0
+    return out

@@ -1,0 +1,99 @@
+"""The gsplat programs, run in-process: outputs, --help and bad input."""
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+
+from scipion_gsplat.core import io
+from scipion_gsplat.programs import reconstruct_fourier, simulate
+
+
+def test_help_exits_zero(capsys):
+    for prog in (simulate, reconstruct_fourier):
+        with pytest.raises(SystemExit) as exc:
+            prog.run(["--help"])
+        assert exc.value.code == 0
+        assert "--seed" in capsys.readouterr().out
+
+
+def test_simulate_two_states(tmp_path, lysozyme_pdb):
+    out = tmp_path / "pair"
+    code = simulate.run(["-i", str(lysozyme_pdb), "-o", str(out), "-n", "60", "--box", "40",
+                         "--angpix", "2", "--remove", "A/100-129", "--populations", "0.75,0.25",
+                         "--snr", "0.5", "--device", "cpu"])
+    assert code == 0
+    gt = np.load(out / "ground_truth.npz")
+    assert np.bincount(gt["labels"])[1:].tolist() == [45, 15]
+    m1, m2 = (mrcfile.read(out / f"truth_state{k}.mrc") for k in (1, 2))
+    assert 0.1 < 1 - m2.sum() / m1.sum() < 0.35  # a domain of ~20% of the mass is gone
+    assert (out / "state2.pdb").exists()
+
+
+def test_simulate_bad_input(tmp_path, lysozyme_pdb, capsys):
+    assert simulate.run(["-i", str(tmp_path / "none.pdb"), "-o", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert simulate.run(["-i", str(lysozyme_pdb), "-o", str(tmp_path / "x"), "--populations", "1,2,3",
+                         "--remove", "A/1-10"]) == 2
+    assert simulate.run(["-i", str(lysozyme_pdb), "-o", str(tmp_path / "x"), "--box", "12"]) == 2
+
+
+def test_reconstruct_writes_maps_and_fsc(tmp_path, sim_small, capsys):
+    out = tmp_path / "rec" / "map.mrc"
+    code = reconstruct_fourier.run(["-i", str(sim_small / "particles.star"), "-o", str(out),
+                                    "--halves", "--device", "cpu", "--threads", "2"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "resolution" in text and "back-projecting" in text
+    for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc", "map_fsc.star"):
+        assert (tmp_path / "rec" / name).exists()
+    fsc = io.read_star_table(tmp_path / "rec" / "map_fsc.star", "fsc")
+    assert len(fsc) == 21 and fsc["rlnFourierShellCorrelation"].iloc[1] > 0.9
+    vol, pix = io.read_map(out)
+    assert vol.shape == (40, 40, 40) and pix == 2.0
+
+
+def test_reconstruct_one_class_and_symmetry(tmp_path, sim_small):
+    star = io.read_particles(sim_small / "particles.star")
+    star.particles["rlnClassNumber"] = np.where(np.arange(len(star)) < 100, 1, 2)
+    io.write_particles(tmp_path / "cls.star", star)
+    code = reconstruct_fourier.run(["-i", str(tmp_path / "cls.star"), "-o", str(tmp_path / "c1.mrc"),
+                                    "--class", "1", "--sym", "c2", "--maxres", "6", "--device", "cpu"])
+    assert code == 0 and (tmp_path / "c1.mrc").exists()
+    assert reconstruct_fourier.run(["-i", str(tmp_path / "cls.star"), "-o", str(tmp_path / "c9.mrc"),
+                                    "--class", "9"]) == 2
+
+
+def _broken(tmp_path, sim_small, mutate):
+    star = io.read_particles(sim_small / "particles.star")
+    star.particles["rlnImageName"] = [str(sim_small / n.split("@")[1]).join([n.split("@")[0] + "@", ""])
+                                      for n in star.particles["rlnImageName"]]
+    parts = mutate(star.particles.copy())
+    io.write_star(tmp_path / "bad.star", {"optics": star.optics, "particles": parts})
+    return tmp_path / "bad.star"
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda p: p.drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]), "no poses"),
+    (lambda p: p.assign(rlnDefocusU=np.nan), "NaN"),
+    (lambda p: p.assign(rlnImageName="1@missing.mrcs"), "not found"),
+    (lambda p: p.drop(columns=["rlnDefocusU", "rlnDefocusV"]), "no CTF"),
+])
+def test_reconstruct_bad_input(tmp_path, sim_small, capsys, mutate, message):
+    bad = _broken(tmp_path, sim_small, mutate)
+    out = tmp_path / "out" / "map.mrc"
+    code = reconstruct_fourier.run(["-i", str(bad), "-o", str(out), "--halves"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists() and not (tmp_path / "out" / "map_half1.mrc").exists()
+
+
+def test_reconstruct_wrong_box(tmp_path, sim_small, capsys):
+    star = io.read_particles(sim_small / "particles.star")
+    optics = star.optics.assign(rlnImageSize=64)
+    parts = star.particles[[c for c in star.particles.columns if c not in optics.columns or c == "rlnOpticsGroup"]]
+    parts = parts.assign(rlnImageName=[f"{n.split('@')[0]}@{sim_small / 'particles.mrcs'}"
+                                       for n in parts["rlnImageName"]])
+    io.write_star(tmp_path / "box.star", {"optics": optics, "particles": parts})
+    assert reconstruct_fourier.run(["-i", str(tmp_path / "box.star"), "-o", str(tmp_path / "m.mrc")]) == 2
+    assert "rlnImageSize 64" in capsys.readouterr().err
