@@ -48,6 +48,9 @@ def add_args(parser) -> None:
     m.add_argument("--defocus-max", type=float, default=25000.0, help="Å")
     m.add_argument("--shift-sigma", type=float, default=2.0, help="σ of particle origins (Å)")
     m.add_argument("--blur", type=float, default=0.5, help="extra Gaussian blur of the maps (pixels)")
+    m.add_argument("--density", choices=sim.DENSITY_MODELS, default="gemmi",
+                   help="how maps are made from the structure: gemmi's electron form factors on the "
+                        "grid, or one Gaussian per atom/residue (their models are saved too)")
 
 
 def main(args) -> None:
@@ -79,7 +82,10 @@ def main(args) -> None:
     os.makedirs(args.output, exist_ok=True)
     maps = []
     for s in states:
-        maps.append(struct.structure_to_map(s.structure, args.box, args.angpix, center, args.blur))
+        vol, model = sim.state_map(s.structure, args.box, args.angpix, center, args.density, args.blur)
+        maps.append(vol)
+        if model is not None:
+            model.save(os.path.join(args.output, f"truth_state{s.label}_gaussians.npz"))
         with atomic_path(os.path.join(args.output, f"state{s.label}.pdb")) as tmp:
             s.structure.write_pdb(tmp)
     labels = sim.assign_states(args.n_particles, pops, rng)

@@ -37,7 +37,9 @@ pip_quiet() {  # run pip; show its output only on failure (minus local-index noi
     fi
     rm -f "$log"
 }
-echo "[install] pip install torch==2.13.0 .[test]"
-pip_quiet install --progress-bar off torch==2.13.0 ".[test]"
+# Editable install: the package runs from this checkout (programs/ is mapped to
+# scipion_gsplat.programs), so the tests, the demo and Scipion use this code.
+echo "[install] pip install torch==2.13.0 -e .[test]"
+pip_quiet install --progress-bar off torch==2.13.0 -e ".[test]"
 "$VENV/bin/python" -m pip check
 "$VENV/bin/python" -c "import tkinter, torch, pwem, scipion_gsplat.programs.simulate; print('[install] ok: torch', torch.__version__)"

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from . import gaussians
 from . import structure as struct
 from .fourier import project
 from .geometry import euler_to_matrix, matrix_to_euler, random_rotations
@@ -73,6 +74,33 @@ def make_states(st, remove: Optional[str] = None, hinge: Optional[str] = None,
         return [State(i + 1, float(a), st if a == 0 else struct.rotate_segment(st, hinge, a))
                 for i, a in enumerate(angles)]
     return [State(1, 0.0, st)]
+
+
+DENSITY_MODELS = ("gemmi", "atom-gaussians", "residue-gaussians")
+
+
+def state_map(st, box: int, pixel_size_A: float, center_A: np.ndarray, density: str = "gemmi",
+              blur_sigma_px: float = 0.5):
+    """Ground-truth map of one state, and its Gaussian model when it has one.
+
+    Args:
+        density: ``gemmi`` (electron form factors on the grid) or
+            ``atom-gaussians`` / ``residue-gaussians`` (one isotropic Gaussian
+            per atom / residue, :mod:`.gaussians`).
+
+    Returns:
+        ``(map [z, y, x], GaussianModel or None)``.
+    """
+    if density == "gemmi":
+        return struct.structure_to_map(st, box, pixel_size_A, center_A, blur_sigma_px), None
+    if density not in DENSITY_MODELS:
+        raise InputError(f"unknown density model '{density}' ({', '.join(DENSITY_MODELS)})")
+    model = gaussians.from_structure(st, density.split("-")[0], center_A,
+                                     extra_sigma_A=blur_sigma_px * pixel_size_A)
+    reach = np.abs(model.centres_A).max() + 3 * model.sigmas_A.max()
+    if reach > (box // 2 - 2) * pixel_size_A:
+        raise InputError(f"structure does not fit in a box of {box} px × {pixel_size_A} Å")
+    return model.to_map(box, pixel_size_A), model
 
 
 def random_particle_table(n: int, acq: Acquisition, rng: np.random.Generator,
