@@ -33,6 +33,7 @@ setup(
         "mrcfile>=1.4",
         "gemmi>=0.6",
         "torch-fourier-slice>=0.6",
+        "torch-ctf>=0.6",  # imported by torch-fourier-slice 0.6 without being declared
         "torch-fourier-shell-correlation>=0.6",
     ],
     extras_require={"test": ["pytest>=7"]},
