@@ -2,7 +2,7 @@
 GMM heterogeneity for Scipion 3."""
 from setuptools import find_packages, setup
 
-PROGRAMS = ["simulate", "reconstruct_fourier"]
+PROGRAMS = ["simulate", "reconstruct_fourier", "aligned_2d_classification", "graph_max_cut", "refine_classes", "project", "reconstruct_splat"]
 
 setup(
     name="scipion-em-gsplat",
@@ -34,7 +34,6 @@ setup(
         "gemmi>=0.6",
         "torch-fourier-slice>=0.6",
         "torch-ctf>=0.6",  # imported by torch-fourier-slice 0.6 without being declared
-        "torch-fourier-shell-correlation>=0.6",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

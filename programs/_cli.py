@@ -111,6 +111,37 @@ def console_entry(prog: str, description: str, add_args: Callable, main: Callabl
     return run
 
 
+def read_posed_particles(path: str, angpix=None, need_ctf: bool = False):
+    """Read a particle STAR file that must carry poses (and CTF if ``need_ctf``),
+    and check its image stacks.
+
+    Returns:
+        ``(ParticleStar, ImageReader)``.
+    """
+    from scipion_gsplat.core import io
+    star = io.read_particles(path, pixel_size_A=angpix)
+    if not star.has_poses:
+        raise InputError(f"{path}: particles have no poses (rlnAngleRot/Tilt/Psi)")
+    if need_ctf and not star.has_ctf:
+        raise InputError(f"{path}: particles have no CTF parameters")
+    reader = io.ImageReader(star)
+    reader.check()
+    return star, reader
+
+
+def working_box(resize: int, box: int, pixel_size_A: float, target_pixel_A: float = 3.0,
+                minimum: int = 24) -> int:
+    """The downsampled box of ``--resize`` (0: automatic, a pixel of about
+    ``target_pixel_A``, never upsampling), checked."""
+    if resize:
+        m = resize
+    else:
+        m = int(min(box, max(minimum, int(round(box * pixel_size_A / target_pixel_A / 2.0)) * 2)))
+    if m > box or m < 8 or m % 2:
+        raise InputError(f"--resize {m}: must be even, >= 8 and <= the box ({box})")
+    return m
+
+
 def out_path(path: str) -> str:
     """Create the parent folder of an output path and return it."""
     parent = os.path.dirname(os.path.abspath(path))

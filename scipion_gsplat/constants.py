@@ -7,3 +7,5 @@ GSPLAT_BIN = "GSPLAT_BIN"            # folder holding the gsplat_* programs, if 
 # Per-particle attributes the plugin writes on Scipion particles.
 ATTR_RANDOM_SUBSET = "_rlnRandomSubset"
 ATTR_CLASS_NUMBER = "_rlnClassNumber"
+ATTR_CLASS_PROB = "_gsplatClassProbability"   # probability of the assigned class
+ATTR_SCORE = "_gsplatScore"                   # log-odds of class 1 vs class 2 (split volume)

@@ -36,3 +36,23 @@ def sim_small(tmp_path_factory, lysozyme_pdb) -> Path:
                          "--angpix", "2.0", "--snr", "1.0", "--seed", "3", "--device", "cpu"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def sim_pair(tmp_path_factory, lysozyme_pdb) -> Path:
+    """A conformational pair: 1200 lysozyme particles (40 px, 2 Å, SNR 0.5), the
+    β-domain (residues 40-88) rotated by 40° about its hinge in half of them."""
+    from scipion_gsplat.programs import simulate
+    out = tmp_path_factory.mktemp("sim_pair")
+    code = simulate.run(["-i", str(lysozyme_pdb), "-o", str(out), "-n", "1200", "--box", "40",
+                         "--angpix", "2.0", "--snr", "0.5", "--hinge", "A/40-88", "--hinge-angle", "40",
+                         "--seed", "4", "--device", "cpu"])
+    assert code == 0
+    return out
+
+
+def accuracy(labels, truth) -> float:
+    """Two-class accuracy up to the swap of the labels."""
+    import numpy as np
+    labels, truth = np.asarray(labels), np.asarray(truth)
+    return float(max((labels == truth).mean(), (labels != truth).mean()))

@@ -1,7 +1,6 @@
 """RELION-convention CTF."""
 import math
 
-import numpy as np
 import pytest
 
 from scipion_gsplat.core import ctf

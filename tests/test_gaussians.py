@@ -1,8 +1,9 @@
-"""Gaussian models from structures and their voxel maps."""
+"""Gaussian models (core/splat/model.py) from structures and their voxel maps."""
 import numpy as np
 import pytest
 
-from scipion_gsplat.core import fsc, gaussians, io, structure
+from scipion_gsplat.core import fsc, io, structure
+from scipion_gsplat.core.splat import model as gaussians
 from scipion_gsplat.programs import simulate
 
 

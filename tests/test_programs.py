@@ -1,7 +1,6 @@
 """The gsplat programs, run in-process: outputs, --help and bad input."""
 import mrcfile
 import numpy as np
-import pandas as pd
 import pytest
 
 from scipion_gsplat.core import io

@@ -1,7 +1,6 @@
 """Protocols end to end in a real headless Scipion project."""
 import os
 
-import numpy as np
 import pytest
 
 from scipion_gsplat.headless import launch_and_wait, new_project

@@ -105,6 +105,43 @@ def project_rfft(vol_rfft: torch.Tensor, poses: np.ndarray, box: int) -> torch.T
     return crop_to(images, box, 2)
 
 
+def extract_spectra(vol_rfft: torch.Tensor, poses: np.ndarray, box: int) -> torch.Tensor:
+    """Central slices sampled directly on a ``box``-pixel image's rfft grid.
+
+    Samples the padded transform (from :func:`volume_rfft`) by trilinear
+    interpolation at ``pad·Aᵀ·k`` for every frequency ``k`` of the unshifted
+    ``(box, box//2+1)`` rfft grid, as RELION's projector does; no inverse
+    transform is needed when the comparison is done in Fourier space.
+
+    Returns:
+        ``(B, box, box//2+1)`` complex64 spectra of the (uncropped-in-real-space,
+        periodic) projections.
+    """
+    size = vol_rfft.shape[0]
+    pad = size / box
+    dev = vol_rfft.device
+    ky = torch.fft.fftfreq(box, d=1.0 / box, device=dev)
+    kx = torch.fft.rfftfreq(box, d=1.0 / box, device=dev)
+    gy, gx = torch.meshgrid(ky, kx, indexing="ij")
+    k = torch.stack([gx.ravel(), gy.ravel()], dim=-1) * pad  # (P, 2) padded units
+    mats = as_tensor(poses, dev)
+    r = torch.einsum("pk,bkj->bpj", k, mats[:, :2, :])  # (B, P, xyz)
+    flip = r[..., 0] < 0
+    r = torch.where(flip[..., None], -r, r)
+    w = vol_rfft.shape[-1]
+    # grid_sample (align_corners=True): index i ↦ 2i/(dim−1) − 1; order (x, y, z)
+    grid = torch.stack([2 * r[..., 0] / (w - 1) - 1,
+                        2 * (r[..., 1] + size // 2) / (size - 1) - 1,
+                        2 * (r[..., 2] + size // 2) / (size - 1) - 1], dim=-1)
+    vol = torch.view_as_real(vol_rfft).permute(3, 0, 1, 2)[None]  # (1, 2, z, y, x)
+    b, p = r.shape[0], r.shape[1]
+    out = F.grid_sample(vol.expand(1, 2, *vol.shape[2:]), grid.reshape(1, 1, 1, b * p, 3),
+                        mode="bilinear", padding_mode="zeros", align_corners=True)
+    vals = torch.complex(out[0, 0, 0, 0], out[0, 1, 0, 0]).reshape(b, p)
+    vals = torch.where(flip, vals.conj(), vals)
+    return vals.reshape(b, box, box // 2 + 1)
+
+
 def apply_ctf_and_shift(images: torch.Tensor, pixel_size_A: float,
                         shifts_A: Optional[torch.Tensor] = None,
                         ctf_params: Optional[Mapping] = None) -> torch.Tensor:

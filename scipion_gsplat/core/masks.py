@@ -20,3 +20,27 @@ def soft_sphere(box: int, radius_px: float, edge_px: float = 3.0, ndim: int = 3)
     r = radial_distance_px(box, ndim)
     t = np.clip((r - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
     return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+
+
+def mask_from_map(vol: np.ndarray, pixel_size_A: float, lowpass_A: float = 15.0,
+                  threshold: float = 0.15, dilate_A: float = 3.0, edge_A: float = 3.0) -> np.ndarray:
+    """Soft mask around the density of a map (e.g. the consensus reconstruction).
+
+    The map is low-passed to ``lowpass_A``, thresholded at ``threshold`` × its
+    maximum, the largest connected region is kept, dilated by ``dilate_A`` and
+    given a raised-cosine edge of ``edge_A``.
+
+    Returns:
+        float32 ``[z, y, x]`` mask in [0, 1].
+    """
+    from scipy import ndimage
+    from .fsc import lowpass
+    smooth = lowpass(vol, pixel_size_A, lowpass_A)
+    binary = smooth > threshold * smooth.max()
+    labels, n = ndimage.label(binary)
+    if n > 1:
+        sizes = ndimage.sum(binary, labels, index=np.arange(1, n + 1))
+        binary = labels == (1 + int(np.argmax(sizes)))
+    dist = ndimage.distance_transform_edt(~binary) * pixel_size_A
+    t = np.clip((dist - dilate_A) / max(edge_A, 1e-6), 0.0, 1.0)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)

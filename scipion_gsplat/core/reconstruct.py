@@ -98,7 +98,8 @@ class FourierAccumulator:
         self._kxy = torch.stack([gx[keep], gy[keep]], dim=-1) * PAD  # (P, 2) padded units
 
     def insert(self, images: torch.Tensor, poses: np.ndarray, shifts_A: Optional[np.ndarray],
-               ctf_params: Optional[dict], symmetry: str = "C1") -> None:
+               ctf_params: Optional[dict], symmetry: str = "C1",
+               weights: Optional[np.ndarray] = None) -> None:
         """Back-project a batch.
 
         Args:
@@ -107,18 +108,39 @@ class FourierAccumulator:
             shifts_A: ``(B, 2)`` origins in Å, or None.
             ctf_params: per-particle CTF arrays ``(B,)`` or None (CTF = 1).
             symmetry: point group; each image is inserted at every ``A·R``.
+            weights: ``(B,)`` per-image weights (e.g. class probabilities), or None.
         """
-        b = images.shape[0]
         spec = image_rfft(images.to(self.device, torch.float32))
         if shifts_A is not None:  # move the particle back to the box centre (+origin)
             spec = spec * shift_phase(as_tensor(shifts_A, self.device), self.box, self.pixel_size_A)
-        if ctf_params is not None:
-            ctf = ctf_2d(ctf_params, self.box, self.pixel_size_A, device=self.device)
-            spec, wgt = spec * ctf, ctf * ctf
+        ctf = None if ctf_params is None else ctf_2d(ctf_params, self.box, self.pixel_size_A,
+                                                     device=self.device)
+        self.insert_spectra(spec, poses, ctf, symmetry, weights)
+
+    def insert_spectra(self, spectra: torch.Tensor, poses: np.ndarray, ctf: Optional[torch.Tensor],
+                       symmetry: str = "C1", weights=None, data_weights=None) -> None:
+        """Back-project centred image rffts (origin already removed).
+
+        Args:
+            spectra: ``(B, n, n//2+1)`` complex, unshifted rfft of centred images.
+            poses: ``(B, 3, 3)`` RELION matrices.
+            ctf: ``(B, n, n//2+1)`` CTF values, or None (CTF = 1).
+            weights: ``(B,)`` factors ``w`` giving ``D += w·CTF·X``, ``W += w·CTF²``.
+            data_weights: ``(B,)`` optional separate factors for ``D`` only
+                (then ``D += d·CTF·X``, ``W += w·CTF²``; used for residual
+                eigenvolumes, where ``d = c`` and ``w = c²``).
+        """
+        b = spectra.shape[0]
+        if ctf is not None:
+            spec, wgt = spectra * ctf, ctf * ctf
         else:
-            wgt = torch.ones(spec.shape, device=self.device)
+            spec, wgt = spectra, torch.ones(spectra.shape, device=self.device)
         dvals = spec.reshape(b, -1)[:, self._flat]
         wvals = wgt.reshape(b, -1)[:, self._flat]
+        if weights is not None:
+            wt = as_tensor(weights, self.device)[:, None]
+            dt = wt if data_weights is None else as_tensor(data_weights, self.device)[:, None]
+            dvals, wvals = dvals * dt, wvals * wt
         mats = expand_poses(poses, symmetry)  # (B, G, 3, 3)
         g = mats.shape[1]
         if g > 1:

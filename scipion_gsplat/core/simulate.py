@@ -19,11 +19,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from . import gaussians
 from . import structure as struct
 from .fourier import project
 from .geometry import euler_to_matrix, matrix_to_euler, random_rotations
 from .io import InputError, StackWriter, write_map, write_star
+from .splat.model import from_structure
 
 
 @dataclass
@@ -86,7 +86,7 @@ def state_map(st, box: int, pixel_size_A: float, center_A: np.ndarray, density: 
     Args:
         density: ``gemmi`` (electron form factors on the grid) or
             ``atom-gaussians`` / ``residue-gaussians`` (one isotropic Gaussian
-            per atom / residue, :mod:`.gaussians`).
+            per atom / residue, :mod:`.splat.model`).
 
     Returns:
         ``(map [z, y, x], GaussianModel or None)``.
@@ -95,8 +95,8 @@ def state_map(st, box: int, pixel_size_A: float, center_A: np.ndarray, density: 
         return struct.structure_to_map(st, box, pixel_size_A, center_A, blur_sigma_px), None
     if density not in DENSITY_MODELS:
         raise InputError(f"unknown density model '{density}' ({', '.join(DENSITY_MODELS)})")
-    model = gaussians.from_structure(st, density.split("-")[0], center_A,
-                                     extra_sigma_A=blur_sigma_px * pixel_size_A)
+    model = from_structure(st, density.split("-")[0], center_A,
+                           extra_sigma_A=blur_sigma_px * pixel_size_A)
     reach = np.abs(model.centres_A).max() + 3 * model.sigmas_A.max()
     if reach > (box // 2 - 2) * pixel_size_A:
         raise InputError(f"structure does not fit in a box of {box} px × {pixel_size_A} Å")

@@ -36,8 +36,8 @@ _GENERATORS = {
     "I4": [(2, (1, 0, _PHI)), (5, (0, 0, 1))],
 }
 # A generic direction (no symmetry axis or mirror plane passes through it).
-_REFERENCE_DIRECTION = np.array([0.1071, 0.0472, 0.9931])
-_REFERENCE_DIRECTION = _REFERENCE_DIRECTION / np.linalg.norm(_REFERENCE_DIRECTION)
+REFERENCE_DIRECTION = np.array([0.1071, 0.0472, 0.9931])
+REFERENCE_DIRECTION = REFERENCE_DIRECTION / np.linalg.norm(REFERENCE_DIRECTION)
 
 
 def normalize_symmetry_name(name: str) -> str:
@@ -108,28 +108,39 @@ def expand_poses(matrices: np.ndarray, symmetry: str) -> np.ndarray:
     return np.einsum("nij,gjk->ngik", np.asarray(matrices, float), group)
 
 
-def to_asymmetric_unit(directions: np.ndarray, symmetry: str) -> tuple[np.ndarray, np.ndarray]:
+def _mates(directions: np.ndarray, symmetry: str, mirror: bool) -> np.ndarray:
+    """All equivalent directions ``(N, K, 3)``: ``Rᵀ·d`` (and ``−Rᵀ·d`` with ``mirror``)."""
+    group = symmetry_matrices(symmetry)
+    d = np.asarray(directions, float)
+    mates = np.einsum("gji,nj->ngi", group, d)
+    return np.concatenate([mates, -mates], axis=1) if mirror else mates
+
+
+def to_asymmetric_unit(directions: np.ndarray, symmetry: str,
+                       mirror: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Map directions to their symmetry mate inside the asymmetric unit.
 
     A particle viewed along ``d`` with pose ``A`` is equivalent to the pose
-    ``A·R`` (direction ``Rᵀ·d``), so the mates of ``d`` are ``Rᵀ·d``.
+    ``A·R`` (direction ``Rᵀ·d``), so the mates of ``d`` are ``Rᵀ·d``. With
+    ``mirror`` the mirror views ``−Rᵀ·d`` count as mates too (projections along
+    opposite directions are mirror images).
 
     Args:
         directions: ``(N, 3)`` unit vectors.
 
     Returns:
-        ``(folded (N, 3), op_index (N,))`` where ``folded = R[op]ᵀ·d``.
+        ``(folded (N, 3), op_index (N,))``; ``op_index`` indexes the group
+        matrices, offset by ``|G|`` for mirrored mates.
     """
-    group = symmetry_matrices(symmetry)
-    d = np.asarray(directions, float)
-    mates = np.einsum("gji,nj->ngi", group, d)  # R^T d
-    closeness = mates @ _REFERENCE_DIRECTION
-    op = np.argmax(closeness, axis=1)
-    return mates[np.arange(len(d)), op], op
+    mates = _mates(directions, symmetry, mirror)
+    op = np.argmax(mates @ REFERENCE_DIRECTION, axis=1)
+    return mates[np.arange(len(mates)), op], op
 
 
-def in_asymmetric_unit(directions: np.ndarray, symmetry: str, tol: float = 1e-9) -> np.ndarray:
-    """Boolean ``(N,)``: whether each direction lies in the asymmetric unit."""
+def in_asymmetric_unit(directions: np.ndarray, symmetry: str, mirror: bool = False,
+                       tol: float = 1e-9) -> np.ndarray:
+    """Boolean ``(N,)``: whether each direction lies in the asymmetric unit
+    (of the group, or of the group with mirror views when ``mirror``)."""
     d = np.asarray(directions, float)
-    folded, _ = to_asymmetric_unit(d, symmetry)
-    return folded @ _REFERENCE_DIRECTION <= d @ _REFERENCE_DIRECTION + tol
+    best = (_mates(d, symmetry, mirror) @ REFERENCE_DIRECTION).max(axis=1)
+    return d @ REFERENCE_DIRECTION >= best - tol

@@ -35,6 +35,15 @@ class GsplatProgramMixin:
         return ["--seed", str(self.seed.get()), "--device", self._deviceArg(),
                 "--threads", str(max(1, self.numberOfThreads.get()))]
 
+    def _validateSymmetry(self, errors: list) -> None:
+        """Append an error when the ``symmetryGroup`` parameter is not a point group."""
+        from ..core.io import InputError
+        from ..core.symmetry import normalize_symmetry_name
+        try:
+            normalize_symmetry_name(self.symmetryGroup.get())
+        except InputError as exc:
+            errors.append(str(exc))
+
     def runProgram(self, name: str, args: list) -> None:
         """Run ``gsplat_<name>`` with ``args`` plus the common arguments."""
         full = [str(a) for a in args] + self._commonArgs()

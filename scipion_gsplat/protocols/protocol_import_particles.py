@@ -9,7 +9,7 @@ from pwem.protocols import ProtImport
 from pwem.objects import SetOfParticles
 
 from ..convert import star_to_set
-from ..core.io import ImageReader, InputError, read_particles
+from ..core.io import ImageReader, read_particles
 
 
 class ProtGsplatImportParticlesStar(ProtImport):

@@ -69,13 +69,8 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
 
     # ------------------------------------------------------------------ info
     def _validate(self):
-        from ..core.io import InputError
-        from ..core.symmetry import normalize_symmetry_name
         errors = []
-        try:
-            normalize_symmetry_name(self.symmetryGroup.get())
-        except InputError as exc:
-            errors.append(str(exc))
+        self._validateSymmetry(errors)
         parts = self.inputParticles.get()
         if parts is not None and self.doCTF and not parts.hasCTF():
             errors.append("The input particles have no CTF; switch off CTF correction.")

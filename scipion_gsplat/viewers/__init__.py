@@ -1,1 +1,3 @@
 """scipion-gsplat viewers."""
+from .viewer_splat import GsplatSplatViewer
+from .viewer_split_volume import GsplatSplitVolumeViewer

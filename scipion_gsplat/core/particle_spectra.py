@@ -1,0 +1,116 @@
+"""Particles held in memory as centred, downsampled Fourier spectra with their CTFs.
+
+Methods that compare every particle with map projections many times (two-class
+refinement, residual eigenvolumes) load the data once with :func:`load_spectra`:
+each image's rfft is moved by its origin (centred), cropped to a smaller box
+(downsampling, ``pixel_size × box / new_box``) and kept with its CTF on the
+same grid. Projections of a map are compared on that grid
+(:meth:`ParticleSpectra.project`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .ctf import ctf_2d
+from .fourier import as_tensor, extract_spectra, image_rfft, shift_phase, volume_rfft
+from .io import ImageReader, ParticleStar
+
+
+def fourier_crop(spectra: torch.Tensor, box: int, new_box: int) -> torch.Tensor:
+    """Crop unshifted rffts ``(B, box, box//2+1)`` to ``(B, new_box, new_box//2+1)``
+    (downsampling; content, centre and real-space amplitudes are kept)."""
+    if new_box == box:
+        return spectra
+    h = new_box // 2
+    rows = torch.cat([torch.arange(0, h), torch.arange(box - h, box)]).to(spectra.device)
+    return spectra[:, rows, : h + 1] * (new_box / box) ** 2
+
+
+def centred_spectra_chunks(star: ParticleStar, reader: ImageReader, new_box: int, device="cpu",
+                           chunk: int = 512, with_ctf: bool = True):
+    """Yield ``(rows, spectra, ctf)`` per chunk: origin-corrected rffts cropped to
+    ``new_box`` (``(B, m, m//2+1)`` complex) and the CTF on the same grid (or None)."""
+    box, pix = star.box_size, star.pixel_size
+    shifts = star.shifts_A()
+    params = star.ctf_params() if (with_ctf and star.has_ctf) else None
+    for rows, imgs in reader.chunks(chunk):
+        spec = image_rfft(torch.from_numpy(imgs).to(device))
+        spec = spec * shift_phase(as_tensor(shifts[rows], device), box, pix)  # move by +origin
+        spec = fourier_crop(spec, box, new_box)
+        ctf = None
+        if params is not None:
+            ctf = ctf_2d({k: v[rows] for k, v in params.items()}, new_box, pix * box / new_box,
+                         device=device)
+        yield rows, spec, ctf
+
+
+@dataclass
+class ParticleSpectra:
+    """All particles of a set on a ``box × (box//2+1)`` rfft grid.
+
+    Attributes:
+        spectra: ``(N, m, m//2+1)`` complex64, centred (origins removed).
+        ctf: ``(N, m, m//2+1)`` float32 CTF (ones without CTF).
+        poses: ``(N, 3, 3)`` RELION matrices.
+        half: ``(N,)`` half set 1 or 2.
+        box: ``m``; pixel_size_A: pixel size of the downsampled grid.
+    """
+    spectra: torch.Tensor
+    ctf: torch.Tensor
+    poses: np.ndarray
+    half: np.ndarray
+    box: int
+    pixel_size_A: float
+
+    def __len__(self) -> int:
+        return self.spectra.shape[0]
+
+    @property
+    def device(self):
+        return self.spectra.device
+
+    def shells(self) -> torch.Tensor:
+        """Shell index (rounded radius in Fourier pixels) of the 2D rfft grid ``(m, m//2+1)``."""
+        ky = torch.fft.fftfreq(self.box, d=1.0 / self.box, device=self.device)
+        kx = torch.fft.rfftfreq(self.box, d=1.0 / self.box, device=self.device)
+        return torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).round().long()
+
+    def project(self, volume: np.ndarray, rows: np.ndarray, batch: int = 512):
+        """Yield ``(sub_rows, spectra)``: rffts of the projections of ``volume``
+        (``[z, y, x]``, box ``m``) at the poses of ``rows``, in batches; no CTF."""
+        vft = volume_rfft(as_tensor(volume, self.device))
+        for s in range(0, len(rows), batch):
+            r = rows[s:s + batch]
+            yield r, extract_spectra(vft, self.poses[r], self.box)
+
+
+def load_spectra(star: ParticleStar, reader: ImageReader, new_box: int, device="cpu",
+                 progress: Optional[Callable[[int, int], None]] = None) -> ParticleSpectra:
+    """Read every particle once into a :class:`ParticleSpectra` (box ``new_box``)."""
+    n, h = len(star), new_box // 2 + 1
+    spectra = torch.empty((n, new_box, h), dtype=torch.complex64, device=device)
+    ctf = torch.ones((n, new_box, h), dtype=torch.float32, device=device)
+    for rows, spec, c in centred_spectra_chunks(star, reader, new_box, device):
+        idx = torch.as_tensor(rows, device=device)
+        spectra[idx] = spec.to(torch.complex64)
+        if c is not None:
+            ctf[idx] = c
+        if progress:
+            progress(int(rows[-1]) + 1, n)
+    return ParticleSpectra(spectra, ctf, star.poses(), star.half_set(), new_box,
+                           star.pixel_size * star.box_size / new_box)
+
+
+def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``values (..., m, m//2+1)`` over everything but the grid, per shell."""
+    flat = values.reshape(-1, shells.numel()).sum(0)
+    total = torch.zeros(n_shells, dtype=flat.dtype, device=flat.device).index_add_(
+        0, shells.ravel().clamp(max=n_shells - 1), flat)
+    count = torch.bincount(shells.ravel().clamp(max=n_shells - 1), minlength=n_shells).to(flat.dtype)
+    reps = values.numel() // shells.numel()
+    return total / (count * reps).clamp(min=1)
+

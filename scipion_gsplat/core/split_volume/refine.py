@@ -1,0 +1,207 @@
+"""Two-class 3D refinement with fixed poses, started from a split.
+
+Expectation-maximisation over class assignments only (poses are kept). Three
+choices keep the smaller class from being swallowed by the larger one (a shared
+regulariser, or scoring a particle against maps that contain its own noise,
+makes everything drift into one class):
+
+* **FSC filtering per class** — every class has two half maps (half sets 1 and
+  2); their FSC gives the class's own Wiener factor ``2·FSC/(1 + FSC)`` per
+  shell, applied to its full map, so a small, noisy class is smoothed as much
+  as its data warrant, not by a regulariser sized for the large class;
+* **half-set cross scoring** (option) — particles of half 1 scored against the
+  half-2 maps and vice versa; measured, it makes the drift worse for small
+  classes (their half maps are too noisy), so it is off by default;
+* **noise-aware likelihood** — a residual's expected power per frequency is the
+  image noise ``σ²(s)`` (re-estimated every iteration from the residuals against
+  each particle's own class) plus ``CTF²·e(s)``, the error power left in the
+  filtered class maps; the log-likelihood includes the matching ``log``
+  normaliser, and class priors are the current class fractions.
+
+Assignments are soft (posteriors) or hard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..fsc import apply_shell_filter, fsc_curve, shell_power
+from ..particle_spectra import ParticleSpectra, shell_mean
+from ..reconstruct import FourierAccumulator
+
+
+@dataclass
+class RefineResult:
+    """``probabilities (N, 2)``, ``classes (N,)`` in {1, 2}, ``loglik (N, 2)``,
+    the full class maps ``maps (2, m, m, m)``, their half-map FSCs ``fsc (2, m//2+1)``
+    and one dict per iteration in ``history``."""
+    probabilities: np.ndarray
+    classes: np.ndarray
+    loglik: np.ndarray
+    maps: np.ndarray
+    fsc: np.ndarray
+    total_loglik: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def _reconstruct(data: ParticleSpectra, rows: np.ndarray, weights: np.ndarray,
+                 chunk: int = 1024) -> tuple[np.ndarray, FourierAccumulator]:
+    acc = FourierAccumulator(data.box, data.pixel_size_A, data.device)
+    for s in range(0, len(rows), chunk):
+        r = rows[s:s + chunk]
+        idx = torch.as_tensor(r, device=data.device)
+        acc.insert_spectra(data.spectra[idx], data.poses[r], data.ctf[idx], weights=weights[s:s + chunk])
+    return acc.solve(), acc
+
+
+def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Image noise power per shell ``σ²(s)`` from residuals against a consensus map."""
+    shells = data.shells()
+    n_shells = data.box // 2 + 1
+    total = torch.zeros(n_shells, dtype=torch.float64, device=data.device)
+    rows = np.arange(len(data))
+    for r, proj in data.project(consensus, rows, batch):
+        idx = torch.as_tensor(r, device=data.device)
+        res = data.spectra[idx] - data.ctf[idx] * proj
+        total += shell_mean((res.abs() ** 2).double(), shells, n_shells) * len(r)
+    sigma2 = (total / len(rows)).cpu().numpy()
+    return np.maximum(sigma2, 1e-12 * max(sigma2.max(), 1e-30))
+
+
+def class_loglik(data: ParticleSpectra, rows: np.ndarray, maps: list, errors: list,
+                 sigma2: np.ndarray, max_shell: int, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Log-likelihood ``(len(rows), K)`` of particles under each class map.
+
+    ``log L = −½ Σ_f [ |X − CTF·P·V_k|² / v_k(f) + log v_k(f) ]`` with
+    ``v_k(f) = σ²(s) + CTF(f)²·e_k(s)`` over shells ``1 … max_shell``.
+
+    Returns:
+        ``(loglik (R, K), noise (R, K, n_shells))`` where ``noise`` is the mean
+        per shell of ``|X − CTF·P·V_k|² − CTF²·e_k``: the image noise power
+        implied by each class (used to re-estimate ``σ²``).
+    """
+    shells = data.shells()
+    n_shells = len(sigma2)
+    keep = (shells >= 1) & (shells <= max_shell)
+    flat = shells.clamp(max=n_shells - 1).ravel()
+    count = torch.bincount(flat, minlength=n_shells).double().clamp(min=1)
+    s2 = torch.as_tensor(sigma2, device=data.device)[shells.clamp(max=n_shells - 1)]
+    out = np.zeros((len(rows), len(maps)))
+    noise = np.zeros((len(rows), len(maps), n_shells))
+    for k, (vol, err) in enumerate(zip(maps, errors)):
+        e = torch.as_tensor(err, device=data.device)[shells.clamp(max=len(err) - 1)]
+        pos = 0
+        for r, proj in data.project(vol, rows, batch):
+            idx = torch.as_tensor(r, device=data.device)
+            c = data.ctf[idx].double()
+            var = (s2 + c ** 2 * e)
+            res2 = (data.spectra[idx] - data.ctf[idx] * proj).abs().double() ** 2
+            term = (res2 / var + torch.log(var))[:, keep]
+            out[pos:pos + len(r), k] = (-0.5 * term.sum(1)).cpu().numpy()
+            excess = (res2 - c ** 2 * e).reshape(len(r), -1)
+            per_shell = torch.zeros((len(r), n_shells), dtype=torch.float64, device=data.device)
+            per_shell.index_add_(1, flat, excess)
+            noise[pos:pos + len(r), k] = (per_shell / count).cpu().numpy()
+            pos += len(r)
+    return out, noise
+
+
+def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int = 8,
+                       soft: bool = True, max_res_A: Optional[float] = None,
+                       consensus: Optional[np.ndarray] = None, tol: float = 1e-3,
+                       cross: bool = False, fudge: float = 0.7,
+                       progress: Optional[Callable[[str], None]] = None) -> RefineResult:
+    """EM over two classes with fixed poses.
+
+    Args:
+        data: particles as spectra (:func:`..particle_spectra.load_spectra`).
+        init_prob: ``(N, 2)`` starting class probabilities (a hard split is one-hot).
+        n_iter: maximum iterations.
+        soft: soft (posterior-weighted) maps; hard assignments otherwise.
+        max_res_A: highest resolution used in the likelihood (default Nyquist).
+        consensus: map of all particles for the noise spectrum (reconstructed if None).
+        tol: stop when fewer than this fraction of particles change class.
+        cross: score each half set against the other half's maps, instead of
+            against the FSC-filtered maps of both halves (the default: on an
+            85/15 set at SNR 0.02 started from the true labels, cross scoring
+            drifted to 93/7, ARI 0.54, against 87/13, ARI 0.82 without it — a
+            small class's half maps are too noisy).
+        fudge: multiplies each class's SSNR in its Wiener filter (RELION's
+            tau2_fudge; > 1 keeps more high-resolution detail). Measured on
+            4000 particles: a conformational pair (SNR 0.05) gave accuracy
+            0.9878 / 0.9885 / 0.9892 / 0.9900 with 4 / 1 / 0.7 / 0.5 (smoother
+            maps overfit each particle's own noise less), an 85/15
+            compositional pair (SNR 0.02) 0.952 / 0.956 / 0.950 with 1 / 0.7 /
+            0.5 (a small class needs its detail); 0.7 is the default.
+    """
+    n = len(data)
+    q = np.asarray(init_prob, float).copy()
+    halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
+    nyq = data.box // 2
+    max_shell = nyq if max_res_A is None else int(min(nyq, data.box * data.pixel_size_A / max_res_A))
+    if consensus is None:
+        consensus, _ = _reconstruct(data, np.arange(n), np.ones(n))
+    sigma2 = noise_spectrum(data, consensus)
+    history, loglik = [], np.zeros((n, 2))
+    classes = np.argmax(q, 1)
+    for it in range(n_iter):
+        w = q if soft else np.eye(2)[np.argmax(q, 1)]
+        half_maps = [[_reconstruct(data, rows, w[rows, k])[0] for rows in halves] for k in range(2)]
+        fscs, filt, errs = [], [], []
+        for k in range(2):
+            _, f = fsc_curve(half_maps[k][0], half_maps[k][1], data.pixel_size_A)
+            f = np.clip(f, 0.0, 0.999)
+            fscs.append(f)
+            filt.append([apply_shell_filter(v, f) for v in half_maps[k]])
+            errs.append([shell_power(v) * f * (1 - f) for v in half_maps[k]])
+        prior = np.clip(q.mean(0), 1e-3, 1.0)
+        noise = np.zeros((n, 2, len(sigma2)))
+        if cross:
+            for h, rows in enumerate(halves):
+                other = 1 - h  # cross scoring: the other half's maps
+                loglik[rows], noise[rows] = class_loglik(data, rows, [filt[k][other] for k in range(2)],
+                                                         [errs[k][other] for k in range(2)], sigma2,
+                                                         max_shell)
+        else:
+            full, ferr = [], []
+            for k in range(2):
+                # full-map SNR fraction S/(S+N), and the filter with the SSNR × fudge
+                f2 = np.clip(2 * fscs[k] / (1 + fscs[k]), 0.0, 0.999)
+                ssnr = fudge * f2 / (1 - f2)
+                g = ssnr / (1 + ssnr)
+                avg = 0.5 * (half_maps[k][0] + half_maps[k][1])
+                full.append(apply_shell_filter(avg, g))
+                # error power of g·(S + N) against S: S(1−g)² + N g²
+                ferr.append(shell_power(avg) * (f2 * (1 - g) ** 2 + (1 - f2) * g ** 2))
+            # one map-error spectrum for both classes: per-class estimates from
+            # noisy FSCs bias every particle's likelihood ratio the same way
+            # (measured at box 64: accuracy 0.983 per class, 0.988 shared)
+            ferr = [0.5 * (ferr[0] + ferr[1])] * 2
+            loglik[:], noise[:] = class_loglik(data, np.arange(n), full, ferr, sigma2, max_shell)
+        logpost = loglik + np.log(prior)[None, :]
+        top = logpost.max(1, keepdims=True)
+        total = float((top[:, 0] + np.log(np.exp(logpost - top).sum(1))).sum())
+        logpost -= top
+        q = np.exp(logpost)
+        q /= q.sum(1, keepdims=True)
+        # σ² from the residuals against the particles' own classes (the
+        # consensus residuals also hold the class difference, which would
+        # make the noise look larger exactly where the classes differ)
+        sigma2 = np.maximum(np.einsum("pk,pks->s", q, noise) / n, 0.1 * sigma2)
+        new_classes = np.argmax(q, 1)
+        changed = float((new_classes != classes).mean())
+        classes = new_classes
+        history.append({"iteration": it + 1, "changed": changed, "fraction_1": float((classes == 0).mean()),
+                        "total_loglik": total,
+                        "fsc_auc": [float(np.mean(f[1:])) for f in fscs]})
+        if progress:
+            progress(f"iteration {it + 1}: {changed:.2%} changed, class sizes "
+                     f"{int((classes == 0).sum())}/{int((classes == 1).sum())}")
+        if changed < tol and it > 0:
+            break
+    w = q if soft else np.eye(2)[classes]
+    maps = np.stack([_reconstruct(data, np.arange(n), w[:, k])[0] for k in range(2)])
+    return RefineResult(q, classes + 1, loglik, maps, np.stack(fscs), total, history)

@@ -1,0 +1,209 @@
+"""Protocol: Gaussian-splat reconstruction (gsplat_reconstruct_splat)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyworkflow.protocol.params as params
+from pwem.objects import FSC, AtomStruct, Volume
+from pwem.protocols import ProtReconstruct3D
+
+from ..convert import set_to_star
+from ..core.io import read_star_table
+from .base import GsplatProgramMixin
+
+INIT_DATA, INIT_VOLUME, INIT_STRUCTURE, INIT_RANDOM = range(4)
+INIT_CHOICES = ["reconstruction of the particles", "volume", "atomic structure", "random in a mask"]
+MRC_SUFFIXES = (".mrc", ".map", ".mrcs")
+
+
+def _mrc_path(obj) -> str:
+    """Absolute path of an image object's MRC file (drops ``:mrc`` suffixes)."""
+    return os.path.abspath(obj.getFileName().split(":")[0])
+
+
+class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
+    """Reconstruct a map as a sum of 3D Gaussians whose analytic projections
+    (with the particles' origins and CTF) are fitted to the particles by gradient
+    descent (Adam), poses fixed. The two half sets are fitted independently from
+    independent starts, giving half maps and their FSC (gold standard). The
+    Gaussian model is also given as an atomic structure (centres as atoms, B from
+    the width) to open with the map in ChimeraX or Coot.
+    """
+    _label = "gaussian splat reconstruction"
+    _possibleOutputs = {"outputVolume": Volume, "outputFSC": FSC, "outputAtomStruct": AtomStruct}
+
+    def _defineParams(self, form):
+        form.addSection(label="Input")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
+                      pointerCondition="hasAlignmentProj", label="Input particles",
+                      help="Particles with 3D poses (projection alignment) and CTF.")
+        form.addParam("initialModel", params.EnumParam, choices=INIT_CHOICES, default=INIT_DATA,
+                      label="Initial model",
+                      help="Reconstruction: each half set starts from points sampled in its own "
+                           "Fourier reconstruction (independent starts). Volume: points sampled "
+                           "in a (low-passed) map. Atomic structure: one Gaussian per atom or "
+                           "residue. Random: uniform points inside a mask.")
+        form.addParam("initVolume", params.PointerParam, pointerClass="Volume",
+                      condition=f"initialModel=={INIT_VOLUME}", label="Initial volume",
+                      help="MRC map with the particles' box and pixel size.")
+        form.addParam("initStructure", params.PointerParam, pointerClass="AtomStruct",
+                      condition=f"initialModel=={INIT_STRUCTURE}", label="Initial structure",
+                      help="PDB/mmCIF in the frame of a map of the particles' box with its "
+                           "origin at the corner (as fitted in the consensus map).")
+        form.addParam("atomLevel", params.EnumParam, choices=["atom", "residue"], default=0,
+                      condition=f"initialModel=={INIT_STRUCTURE}", label="One Gaussian per")
+        form.addParam("centerStructure", params.BooleanParam, default=False,
+                      condition=f"initialModel=={INIT_STRUCTURE}", label="Centre the structure?",
+                      help="Put the structure's centre of mass at the box centre instead of "
+                           "using its coordinates as they are.")
+        form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
+                      condition=f"initialModel in [{INIT_DATA}, {INIT_VOLUME}, {INIT_RANDOM}]",
+                      label="Mask",
+                      help="Random start: the Gaussians are placed inside it (required). "
+                           "Reconstruction/volume start: restricts where they are placed.")
+        form.addParam("nGaussians", params.IntParam, default=2000, validators=[params.Positive],
+                      condition=f"initialModel!={INIT_STRUCTURE}", label="Number of Gaussians",
+                      help="About the number of heavy atoms is enough.")
+        form.addParam("gaussianType", params.EnumParam, choices=["isotropic", "anisotropic"], default=0,
+                      label="Gaussian type",
+                      help="Isotropic: one width per Gaussian (fast, separable rendering). "
+                           "Anisotropic: full covariance (Cholesky factor).")
+        form.addSection(label="Fitting")
+        form.addParam("iterations", params.IntParam, default=10, validators=[params.Positive],
+                      label="Iterations (epochs)", help="Passes over the particles of each half set.")
+        form.addParam("batchSize", params.IntParam, default=32, validators=[params.Positive],
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per step")
+        form.addParam("doHalves", params.BooleanParam, default=True, label="Independent half sets?",
+                      help="Fit both half sets separately: half maps and FSC (gold standard).")
+        form.addParam("doDensify", params.BooleanParam, default=False, label="Densify?",
+                      help="Split or clone the Gaussians with the largest gradients.")
+        form.addParam("densifyEvery", params.IntParam, default=2, condition="doDensify",
+                      label="Densify every (epochs)")
+        form.addParam("pruneThreshold", params.FloatParam, default=0.0, label="Prune below",
+                      help="Remove Gaussians whose amplitude falls below this fraction of the "
+                           "median amplitude (0: never).")
+        form.addParam("bondWeight", params.FloatParam, default=0.0, expertLevel=params.LEVEL_ADVANCED,
+                      label="Bond regulariser weight",
+                      help="Harmonic springs between neighbouring Gaussians (0: off).")
+        form.addParam("lrCentres", params.FloatParam, default=0.1, expertLevel=params.LEVEL_ADVANCED,
+                      label="Learning rate of the centres (Å)")
+        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Additional arguments", help="More gsplat_reconstruct_splat options.")
+        self._defineComputeParams(form)
+
+    def _insertAllSteps(self):
+        self._insertFunctionStep(self.convertInputStep)
+        self._insertFunctionStep(self.reconstructStep)
+        self._insertFunctionStep(self.createOutputStep)
+
+    # ------------------------------------------------------------------ steps
+    def convertInputStep(self):
+        set_to_star(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
+                    need_poses=True, need_ctf=True)
+
+    def _programArgs(self) -> list:
+        init = self.initialModel.get()
+        args = ["-i", self._getExtraPath("input_particles.star"), "-o", self._getExtraPath(),
+                "--iterations", self.iterations.get(), "--batch", self.batchSize.get(),
+                "--gaussian-type", "aniso" if self.gaussianType.get() == 1 else "iso",
+                "--lr-centres", self.lrCentres.get()]
+        if init == INIT_STRUCTURE:
+            args += ["--init", "pdb", "--init-file", os.path.abspath(self.initStructure.get().getFileName()),
+                     "--level", ["atom", "residue"][self.atomLevel.get()],
+                     "--pdb-center", "com" if self.centerStructure else "box"]
+        else:
+            args += ["--n-gaussians", self.nGaussians.get()]
+            args += ["--init", "random"] if init == INIT_RANDOM else ["--init", "map"]
+            if init == INIT_VOLUME:
+                args += ["--init-file", _mrc_path(self.initVolume.get())]
+            if self.inputMask.get() is not None:
+                args += ["--mask", _mrc_path(self.inputMask.get())]
+        if self.doHalves:
+            args.append("--halves")
+        if self.doDensify:
+            args += ["--densify-every", self.densifyEvery.get()]
+        if self.pruneThreshold.get() > 0:
+            args += ["--prune", self.pruneThreshold.get()]
+        if self.bondWeight.get() > 0:
+            args += ["--bond-weight", self.bondWeight.get()]
+        extra = (self.extraParams.get() or "").split()
+        return args + extra
+
+    def reconstructStep(self):
+        self.runProgram("reconstruct_splat", self._programArgs())
+
+    def createOutputStep(self):
+        parts = self.inputParticles.get()
+        pix = parts.getSamplingRate()
+        vol = Volume()
+        vol.setFileName(self._getExtraPath("map.mrc"))
+        vol.setSamplingRate(pix)
+        outputs = {"outputVolume": vol}
+        if self.doHalves:
+            vol.setHalfMaps([self._getExtraPath("map_half1.mrc"), self._getExtraPath("map_half2.mrc")])
+            table = read_star_table(self._getExtraPath("fsc.star"), "fsc")
+            fsc = FSC(objLabel="GSFSC (half maps)")
+            fsc.setData(table["rlnResolution"].tolist(), table["rlnFourierShellCorrelation"].tolist())
+            outputs["outputFSC"] = fsc
+        structure = self._modelStructurePath()
+        atoms = AtomStruct(filename=structure, pseudoatoms=True)
+        atoms.setVolume(vol)
+        outputs["outputAtomStruct"] = atoms
+        self._defineOutputs(**outputs)
+        for obj in outputs.values():
+            self._defineSourceRelation(self.inputParticles, obj)
+
+    def _modelStructurePath(self) -> str:
+        for ext in ("pdb", "cif"):
+            path = self._getExtraPath(f"model.{ext}")
+            if os.path.exists(path):
+                return path
+        return self._getExtraPath("model.pdb")
+
+    # ------------------------------------------------------------------ info
+    def _validate(self):
+        errors = []
+        parts = self.inputParticles.get()
+        if parts is not None:
+            if not parts.hasCTF():
+                errors.append("The input particles have no CTF.")
+            if not parts.hasAlignmentProj():
+                errors.append("The input particles have no 3D poses (projection alignment).")
+        init = self.initialModel.get()
+        if init == INIT_VOLUME:
+            vol = self.initVolume.get()
+            if vol is None:
+                errors.append("Choose an initial volume.")
+            elif not _mrc_path(vol).lower().endswith(MRC_SUFFIXES):
+                errors.append("The initial volume must be an MRC file.")
+        if init == INIT_STRUCTURE and self.initStructure.get() is None:
+            errors.append("Choose an initial atomic structure.")
+        if init == INIT_RANDOM and self.inputMask.get() is None:
+            errors.append("A random start needs a mask.")
+        return errors
+
+    def _summaryData(self) -> dict:
+        path = self._getExtraPath("summary.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as fh:
+            return json.load(fh)
+
+    def _summary(self):
+        data = self._summaryData()
+        if not data:
+            return ["Output not ready yet."]
+        lines = [f"{data['n_gaussians']} Gaussians fitted to {data['n_particles']} particles "
+                 f"({data['epochs']} epochs, {data['seconds']:.0f} s)."]
+        if "resolution_0143_A" in data:
+            lines.append(f"Resolution (GSFSC 0.143, half maps): {data['resolution_0143_A']:.2f} Å")
+        lines += [f"Note: {n}" for n in data.get("notes", [])]
+        return lines
+
+    def _methods(self):
+        if not hasattr(self, "outputVolume"):
+            return []
+        return ["The map was reconstructed as a sum of 3D Gaussians fitted to the particles by "
+                "gradient descent on their analytic, CTF-modulated projections (scipion-gsplat, "
+                "after Dräger's Gaussian splatting for cryo-EM), from two independent half sets."]
