@@ -2,7 +2,8 @@
 GMM heterogeneity for Scipion 3."""
 from setuptools import find_packages, setup
 
-PROGRAMS = ["simulate", "reconstruct_fourier", "aligned_2d_classification", "graph_max_cut", "refine_classes", "project", "reconstruct_splat"]
+PROGRAMS = ["simulate", "reconstruct_fourier", "aligned_2d_classification", "graph_max_cut", "refine_classes",
+            "project", "reconstruct_splat", "gmm_heterogeneity"]
 
 setup(
     name="scipion-em-gsplat",

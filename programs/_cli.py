@@ -13,6 +13,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from scipion_gsplat.core.io import InputError
+from scipion_gsplat.core.particle_spectra import working_box  # noqa: F401  (re-exported for the programs)
 
 EXIT_BAD_INPUT = 2
 
@@ -127,19 +128,6 @@ def read_posed_particles(path: str, angpix=None, need_ctf: bool = False):
     reader = io.ImageReader(star)
     reader.check()
     return star, reader
-
-
-def working_box(resize: int, box: int, pixel_size_A: float, target_pixel_A: float = 3.0,
-                minimum: int = 24) -> int:
-    """The downsampled box of ``--resize`` (0: automatic, a pixel of about
-    ``target_pixel_A``, never upsampling), checked."""
-    if resize:
-        m = resize
-    else:
-        m = int(min(box, max(minimum, int(round(box * pixel_size_A / target_pixel_A / 2.0)) * 2)))
-    if m > box or m < 8 or m % 2:
-        raise InputError(f"--resize {m}: must be even, >= 8 and <= the box ({box})")
-    return m
 
 
 def out_path(path: str) -> str:

@@ -39,6 +39,9 @@ def add_args(parser) -> None:
     g.add_argument("--hinge", help="gemmi selection rotated about its hinge, e.g. 'A/40-88'")
     g.add_argument("--hinge-angle", type=float, default=30.0, help="largest hinge rotation (degrees)")
     g.add_argument("--n-states", type=int, default=2, help="hinge states from 0 to --hinge-angle")
+    g.add_argument("--hinge2", help="a second segment rotated about its own hinge, independently of "
+                                    "--hinge (states: the grid of both angles)")
+    g.add_argument("--hinge2-angle", type=float, default=30.0, help="largest rotation of --hinge2 (degrees)")
     g.add_argument("--populations", help="comma-separated state fractions (default: equal)")
     m = parser.add_argument_group("microscope")
     m.add_argument("--voltage", type=float, default=300.0, help="kV")
@@ -64,7 +67,8 @@ def main(args) -> None:
     rng = np.random.default_rng(args.seed)
     reference = struct.read_structure(args.input)
     states = sim.make_states(reference, remove=args.remove, hinge=args.hinge,
-                             hinge_angle_deg=args.hinge_angle, n_states=args.n_states)
+                             hinge_angle_deg=args.hinge_angle, n_states=args.n_states,
+                             hinge2=args.hinge2, hinge2_angle_deg=args.hinge2_angle)
     if args.populations:
         try:
             pops = [float(x) for x in args.populations.split(",")]
@@ -90,10 +94,11 @@ def main(args) -> None:
             s.structure.write_pdb(tmp)
     labels = sim.assign_states(args.n_particles, pops, rng)
     params = np.array([states[k - 1].parameter for k in labels])
+    params2 = np.array([states[k - 1].parameter2 for k in labels]) if args.hinge2 else None
     print(f"gsplat_simulate: {len(states)} state(s), {args.n_particles} particles, "
           f"box {args.box} px at {args.angpix} Å, SNR {args.snr}", flush=True)
     star = sim.simulate_particles(maps, labels, acq, args.snr, args.output, rng, device=device,
-                                  progress=Progress("projecting"), parameters=params)
+                                  progress=Progress("projecting"), parameters=params, parameters2=params2)
     print(f"gsplat_simulate: wrote {star}", flush=True)
 
 

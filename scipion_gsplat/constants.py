@@ -9,3 +9,4 @@ ATTR_RANDOM_SUBSET = "_rlnRandomSubset"
 ATTR_CLASS_NUMBER = "_rlnClassNumber"
 ATTR_CLASS_PROB = "_gsplatClassProbability"   # probability of the assigned class
 ATTR_SCORE = "_gsplatScore"                   # log-odds of class 1 vs class 2 (split volume)
+ATTR_COORDINATE = "_gsplatCoordinate{}"       # coordinate along eigen-motion k (GMM heterogeneity), Å

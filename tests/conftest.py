@@ -56,3 +56,16 @@ def accuracy(labels, truth) -> float:
     import numpy as np
     labels, truth = np.asarray(labels), np.asarray(truth)
     return float(max((labels == truth).mean(), (labels != truth).mean()))
+
+
+@pytest.fixture(scope="session")
+def sim_motion(tmp_path_factory, lysozyme_pdb) -> Path:
+    """A continuous motion: 1000 lysozyme particles (40 px, 2 Å, SNR 0.5), the
+    β-domain rotated about its hinge by one of 10 angles from 0 to 40°."""
+    from scipion_gsplat.programs import simulate
+    out = tmp_path_factory.mktemp("sim_motion")
+    code = simulate.run(["-i", str(lysozyme_pdb), "-o", str(out), "-n", "1000", "--box", "40",
+                         "--angpix", "2.0", "--snr", "0.5", "--hinge", "A/40-88", "--hinge-angle", "40",
+                         "--n-states", "10", "--seed", "6", "--device", "cpu", "--threads", "1"])
+    assert code == 0
+    return out

@@ -50,6 +50,23 @@ def test_states_and_populations(lyso):
         sim.make_states(lyso, remove="A/1-5", hinge="A/40-88")
 
 
+def test_two_independent_hinges_make_a_grid_of_states(lyso):
+    states = sim.make_states(lyso, hinge="A/40-88", hinge_angle_deg=20, n_states=3,
+                             hinge2="A/1-20", hinge2_angle_deg=30)
+    assert len(states) == 9
+    assert [(s.parameter, s.parameter2) for s in states[:4]] == [(0, 0), (0, 15), (0, 30), (10, 0)]
+
+    def xyz(st, sel):
+        return np.array([a.pos.tolist() for ch in st[0] for r in ch for a in r
+                         if (sel[0] <= r.seqid.num <= sel[1])])
+    # the second segment moves with the second angle only, the first with the first only
+    assert np.abs(xyz(states[1].structure, (1, 20)) - xyz(states[0].structure, (1, 20))).max() > 1.0
+    assert np.abs(xyz(states[1].structure, (40, 88)) - xyz(states[0].structure, (40, 88))).max() < 1e-4
+    assert np.abs(xyz(states[3].structure, (1, 20)) - xyz(states[0].structure, (1, 20))).max() < 1e-4
+    with pytest.raises(io.InputError):
+        sim.make_states(lyso, hinge2="A/1-20")
+
+
 def test_simulated_set_has_requested_snr(sim_small):
     star = io.read_particles(sim_small / "particles.star")
     truth = np.load(sim_small / "ground_truth.npz")

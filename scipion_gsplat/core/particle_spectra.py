@@ -17,7 +17,25 @@ import torch
 
 from .ctf import ctf_2d
 from .fourier import as_tensor, extract_spectra, image_rfft, shift_phase, volume_rfft
-from .io import ImageReader, ParticleStar
+from .io import ImageReader, InputError, ParticleStar
+
+
+def working_box(resize: int, box: int, pixel_size_A: float, target_pixel_A: float = 3.0,
+                minimum: int = 24) -> int:
+    """The downsampled box of a ``--resize`` option (0: automatic, a pixel of
+    about ``target_pixel_A`` Å and at least ``minimum`` pixels, never
+    upsampling), checked.
+
+    Raises:
+        InputError: odd, too small or larger than ``box``.
+    """
+    if resize:
+        m = resize
+    else:
+        m = int(min(box, max(minimum, int(round(box * pixel_size_A / target_pixel_A / 2.0)) * 2)))
+    if m > box or m < 8 or m % 2:
+        raise InputError(f"--resize {m}: must be even, >= 8 and <= the box ({box})")
+    return m
 
 
 def fourier_crop(spectra: torch.Tensor, box: int, new_box: int) -> torch.Tensor:

@@ -47,10 +47,12 @@ class State:
     label: int
     parameter: float
     structure: object
+    parameter2: float = 0.0
 
 
 def make_states(st, remove: Optional[str] = None, hinge: Optional[str] = None,
-                hinge_angle_deg: float = 30.0, n_states: int = 2) -> list:
+                hinge_angle_deg: float = 30.0, n_states: int = 2, hinge2: Optional[str] = None,
+                hinge2_angle_deg: float = 30.0) -> list:
     """Ground-truth states from one structure.
 
     Args:
@@ -59,6 +61,9 @@ def make_states(st, remove: Optional[str] = None, hinge: Optional[str] = None,
         hinge: gemmi selection rotated about its hinge (conformational change):
             states are evenly spaced angles from 0 to ``hinge_angle_deg``.
         n_states: number of hinge states (2 = pair, more = trajectory).
+        hinge2: a second segment rotated about its own hinge, independently:
+            the states are then the ``n_states × n_states`` grid of both
+            angles (``parameter`` the first, ``parameter2`` the second).
 
     Returns:
         list of :class:`State`.
@@ -71,8 +76,15 @@ def make_states(st, remove: Optional[str] = None, hinge: Optional[str] = None,
         if n_states < 2:
             raise InputError("a hinge motion needs at least 2 states")
         angles = np.linspace(0.0, hinge_angle_deg, n_states)
-        return [State(i + 1, float(a), st if a == 0 else struct.rotate_segment(st, hinge, a))
-                for i, a in enumerate(angles)]
+        first = [st if a == 0 else struct.rotate_segment(st, hinge, a) for a in angles]
+        if not hinge2:
+            return [State(i + 1, float(a), s) for i, (a, s) in enumerate(zip(angles, first))]
+        angles2 = np.linspace(0.0, hinge2_angle_deg, n_states)
+        grid = [(a, b, s if b == 0 else struct.rotate_segment(s, hinge2, b))
+                for a, s in zip(angles, first) for b in angles2]
+        return [State(i + 1, float(a), s, float(b)) for i, (a, b, s) in enumerate(grid)]
+    if hinge2:
+        raise InputError("a second hinge needs a first one (--hinge)")
     return [State(1, 0.0, st)]
 
 
@@ -161,7 +173,8 @@ def _clean_images(maps, labels, parts, acq, rows, device) -> np.ndarray:
 def simulate_particles(maps: Sequence[np.ndarray], labels: np.ndarray, acq: Acquisition,
                        snr: float, out_dir, rng: np.random.Generator, device: str = "cpu",
                        chunk: int = 512, progress: Optional[Callable[[int, int], None]] = None,
-                       parameters: Optional[np.ndarray] = None) -> Path:
+                       parameters: Optional[np.ndarray] = None,
+                       parameters2: Optional[np.ndarray] = None) -> Path:
     """Write ``particles.star``, ``particles.mrcs``, ``truth_state<k>.mrc`` and
     ``ground_truth.npz`` (labels, state parameters, noise σ) into ``out_dir``.
 
@@ -170,6 +183,8 @@ def simulate_particles(maps: Sequence[np.ndarray], labels: np.ndarray, acq: Acqu
         labels: ``(N,)`` 1-based state of each particle.
         snr: signal-to-noise ratio (inf = noise-free).
         parameters: ``(N,)`` motion parameter per particle (default: label).
+        parameters2: ``(N,)`` second motion parameter (two-hinge sets), saved
+            as ``parameters2`` when given.
 
     Returns:
         path of ``particles.star``.
@@ -193,10 +208,11 @@ def simulate_particles(maps: Sequence[np.ndarray], labels: np.ndarray, acq: Acqu
                 progress(rows[-1] + 1, n)
     for k, vol in enumerate(maps):
         write_map(out / f"truth_state{k + 1}.mrc", vol, acq.pixel_size_A)
+    extra = {} if parameters2 is None else {"parameters2": np.asarray(parameters2, float)}
     np.savez(out / "ground_truth.npz", labels=labels,
              parameters=labels.astype(float) if parameters is None else parameters,
              noise_sigma=sigma, signal_variance=signal_var, snr=snr,
-             acquisition=json.dumps(asdict(acq)))
+             acquisition=json.dumps(asdict(acq)), **extra)
     write_star(out / "particles.star", {"optics": optics, "particles": parts})
     return out / "particles.star"
 

@@ -44,6 +44,31 @@ class GsplatProgramMixin:
         except InputError as exc:
             errors.append(str(exc))
 
+    def _convertPosedParticles(self, need_ctf: bool = True) -> None:
+        """Write ``inputParticles`` as ``extra/input_particles.star`` (poses required)."""
+        from ..convert import set_to_star
+        set_to_star(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
+                    need_poses=True, need_ctf=need_ctf)
+
+    def _validatePosedParticles(self, errors: list) -> None:
+        """Append errors when the input particles lack CTF or 3D poses."""
+        parts = self.inputParticles.get()
+        if parts is not None:
+            if not parts.hasCTF():
+                errors.append("The input particles have no CTF.")
+            if not parts.hasAlignmentProj():
+                errors.append("The input particles have no 3D poses (projection alignment).")
+
+    def _summaryData(self) -> dict:
+        """The program's ``extra/summary.json`` ({} before it exists)."""
+        import json
+        import os
+        path = self._getExtraPath("summary.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as fh:
+            return json.load(fh)
+
     def runProgram(self, name: str, args: list) -> None:
         """Run ``gsplat_<name>`` with ``args`` plus the common arguments."""
         full = [str(a) for a in args] + self._commonArgs()

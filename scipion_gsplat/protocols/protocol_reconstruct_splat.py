@@ -1,14 +1,12 @@
 """Protocol: Gaussian-splat reconstruction (gsplat_reconstruct_splat)."""
 from __future__ import annotations
 
-import json
 import os
 
 import pyworkflow.protocol.params as params
 from pwem.objects import FSC, AtomStruct, Volume
 from pwem.protocols import ProtReconstruct3D
 
-from ..convert import set_to_star
 from ..core.io import read_star_table
 from .base import GsplatProgramMixin
 
@@ -99,8 +97,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
 
     # ------------------------------------------------------------------ steps
     def convertInputStep(self):
-        set_to_star(self.inputParticles.get(), self._getExtraPath("input_particles.star"),
-                    need_poses=True, need_ctf=True)
+        self._convertPosedParticles()
 
     def _programArgs(self) -> list:
         init = self.initialModel.get()
@@ -164,12 +161,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
     # ------------------------------------------------------------------ info
     def _validate(self):
         errors = []
-        parts = self.inputParticles.get()
-        if parts is not None:
-            if not parts.hasCTF():
-                errors.append("The input particles have no CTF.")
-            if not parts.hasAlignmentProj():
-                errors.append("The input particles have no 3D poses (projection alignment).")
+        self._validatePosedParticles(errors)
         init = self.initialModel.get()
         if init == INIT_VOLUME:
             vol = self.initVolume.get()
@@ -182,13 +174,6 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
         if init == INIT_RANDOM and self.inputMask.get() is None:
             errors.append("A random start needs a mask.")
         return errors
-
-    def _summaryData(self) -> dict:
-        path = self._getExtraPath("summary.json")
-        if not os.path.exists(path):
-            return {}
-        with open(path) as fh:
-            return json.load(fh)
 
     def _summary(self):
         data = self._summaryData()

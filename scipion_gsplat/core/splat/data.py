@@ -77,6 +77,28 @@ class ParticleData:
         ctf = None if self.ctf is None else select_params(self.ctf, idx)
         return imgs, self.poses[t], self.shifts_A[t], ctf
 
+    def downsampled(self, new_box: int, chunk: int = 1024) -> "ParticleData":
+        """The same particles Fourier-cropped to ``new_box`` pixels (pixel size
+        ``pixel·box/new_box``). Pixel values are scaled by ``(box/new_box)²`` so
+        each image keeps its sum, the convention of the renderer (an image sums
+        to the model's total amplitude at any pixel size): a model fitted at one
+        sampling stays valid at the other."""
+        from dataclasses import replace
+        from ..fourier import image_irfft, image_rfft
+        from ..particle_spectra import fourier_crop
+        if new_box == self.box:
+            return self
+        if self.images is None:
+            raise InputError("downsampling needs the particles in memory (a smaller set or more memory)")
+        if not 8 <= new_box < self.box or new_box % 2:
+            raise InputError(f"working box {new_box}: must be even, >= 8 and below the box ({self.box})")
+        parts = []
+        for s in range(0, len(self), chunk):
+            spec = fourier_crop(image_rfft(self.images[s:s + chunk]), self.box, new_box)
+            parts.append(image_irfft(spec * (self.box / new_box) ** 2, new_box))
+        return replace(self, images=torch.cat(parts), box=new_box,
+                       pixel_size_A=self.pixel_size_A * self.box / new_box)
+
     def mean_variance(self, n: int = 512, seed: int = 0) -> float:
         """Mean per-image pixel variance over up to ``n`` images (the loss scale)."""
         rng = np.random.default_rng(seed)

@@ -152,7 +152,8 @@ class GaussianModel:
         except (KeyError, ValueError, OSError) as exc:
             raise InputError(f"{path} is not a Gaussian model file: {exc}") from None
 
-    def write_structure(self, path, origin_A=(0.0, 0.0, 0.0), cell_A: Optional[float] = None) -> None:
+    def write_structure(self, path, origin_A=(0.0, 0.0, 0.0), cell_A: Optional[float] = None,
+                        frames: Optional[Sequence[np.ndarray]] = None) -> None:
         """Export as PDB (``.pdb``) or mmCIF (``.cif``/``.mmcif``), to open in ChimeraX or Coot.
 
         Each Gaussian is one carbon atom (residue ``GSP``) at ``centre + origin_A``;
@@ -164,49 +165,53 @@ class GaussianModel:
 
         Args:
             cell_A: edge of a cubic unit cell to record (e.g. ``box·pixel``).
+            frames: optional list of ``(N, 3)`` centre sets (Å) written as
+                successive models (a trajectory, e.g. along an eigen-motion)
+                instead of the model's own centres.
         """
         import gemmi
         path = Path(path)
         suffix = path.suffix.lower()
         if suffix not in (".pdb", ".cif", ".mmcif"):
             raise InputError(f"{path}: export the model as .pdb, .cif or .mmcif")
-        st = gemmi.Structure()
-        st.name = "gsplat_model"
-        if cell_A:
-            st.cell = gemmi.UnitCell(cell_A, cell_A, cell_A, 90, 90, 90)
-        model = gemmi.Model("1")
-        xyz = self.centres_A + np.asarray(origin_A, float)
-        occ = self.amplitudes / max(float(np.abs(self.amplitudes).max()), 1e-30)
-        cov = self.covariances_A2() if self.is_anisotropic else None
         per_chain = 9999  # PDB residue numbers have four digits
         upper = string.ascii_uppercase
         chain_names = list(upper) + [a + b for a in upper for b in upper]
         if len(self) > per_chain * len(chain_names):
             raise InputError(f"too many Gaussians ({len(self)}) to export")
-        for c0 in range(0, len(self), per_chain):
-            chain = gemmi.Chain(chain_names[c0 // per_chain])
-            for j in range(c0, min(len(self), c0 + per_chain)):
-                res = gemmi.Residue()
-                res.name = "GSP"
-                res.seqid = gemmi.SeqId(j - c0 + 1, " ")
-                res.het_flag = "H"
-                res.subchain = chain.name
-                atom = gemmi.Atom()
-                atom.name = "C"
-                atom.element = gemmi.Element("C")
-                atom.pos = gemmi.Position(*xyz[j])
-                atom.occ = float(np.clip(occ[j], 0.0, 1.0))
-                var = self.sigmas_A[j] ** 2 if cov is None else np.trace(cov[j]) / 3.0
-                atom.b_iso = float(var / B_TO_SIGMA2)
-                if suffix == ".pdb":
-                    atom.b_iso = min(atom.b_iso, 999.99)  # the PDB column holds 6 characters
-                if cov is not None:
-                    s = cov[j]
-                    atom.aniso = gemmi.SMat33f(s[0, 0], s[1, 1], s[2, 2], s[0, 1], s[0, 2], s[1, 2])
-                res.add_atom(atom)
-                chain.add_residue(res)
-            model.add_chain(chain)
-        st.add_model(model)
+        st = gemmi.Structure()
+        st.name = "gsplat_model"
+        if cell_A:
+            st.cell = gemmi.UnitCell(cell_A, cell_A, cell_A, 90, 90, 90)
+        occ = self.amplitudes / max(float(np.abs(self.amplitudes).max()), 1e-30)
+        cov = self.covariances_A2() if self.is_anisotropic else None
+        for k, centres in enumerate(frames if frames is not None else [self.centres_A]):
+            model = gemmi.Model(str(k + 1))
+            xyz = np.asarray(centres, float) + np.asarray(origin_A, float)
+            for c0 in range(0, len(self), per_chain):
+                chain = gemmi.Chain(chain_names[c0 // per_chain])
+                for j in range(c0, min(len(self), c0 + per_chain)):
+                    res = gemmi.Residue()
+                    res.name = "GSP"
+                    res.seqid = gemmi.SeqId(j - c0 + 1, " ")
+                    res.het_flag = "H"
+                    res.subchain = chain.name
+                    atom = gemmi.Atom()
+                    atom.name = "C"
+                    atom.element = gemmi.Element("C")
+                    atom.pos = gemmi.Position(*xyz[j])
+                    atom.occ = float(np.clip(occ[j], 0.0, 1.0))
+                    var = self.sigmas_A[j] ** 2 if cov is None else np.trace(cov[j]) / 3.0
+                    atom.b_iso = float(var / B_TO_SIGMA2)
+                    if suffix == ".pdb":
+                        atom.b_iso = min(atom.b_iso, 999.99)  # the PDB column holds 6 characters
+                    if cov is not None:
+                        s = cov[j]
+                        atom.aniso = gemmi.SMat33f(s[0, 0], s[1, 1], s[2, 2], s[0, 1], s[0, 2], s[1, 2])
+                    res.add_atom(atom)
+                    chain.add_residue(res)
+                model.add_chain(chain)
+            st.add_model(model)
         with atomic_path(path) as tmp:
             if suffix == ".pdb":
                 st.write_minimal_pdb(tmp)

@@ -44,12 +44,15 @@ def projected_centres_A(centres_A: torch.Tensor, rotations: torch.Tensor) -> tor
     """``(A·μ)_xy`` for every pose and Gaussian.
 
     Args:
-        centres_A: ``(N, 3)`` centres (x, y, z) in Å.
+        centres_A: ``(N, 3)`` centres (x, y, z) in Å, or ``(B, N, 3)`` with one
+            set of centres per pose (deformed models, :mod:`..heterogeneity`).
         rotations: ``(B, 3, 3)`` RELION matrices ``A``.
 
     Returns:
         ``(B, N, 2)`` image positions (x, y) in Å from the box centre.
     """
+    if centres_A.dim() == 3:
+        return torch.einsum("bnk,bik->bni", centres_A, rotations[:, :2, :])
     return torch.einsum("nk,bik->bni", centres_A, rotations[:, :2, :])
 
 
@@ -64,9 +67,9 @@ def support_box(centres_A: torch.Tensor, sigma_max_A: float, pixel_size_A: float
     pose, and each Gaussian is rendered ±``WINDOW_SIGMAS``·σ around its centre.
     Rendering into this crop and zero-padding is exact and saves work when the
     particle is smaller than the box."""
-    if centres_A.shape[0] == 0:
+    if centres_A.numel() == 0:
         return box
-    reach = float(centres_A.detach().norm(dim=1).max()) + WINDOW_SIGMAS * sigma_max_A
+    reach = float(centres_A.detach().norm(dim=-1).max()) + WINDOW_SIGMAS * sigma_max_A
     size = 2 * int(math.ceil(reach / pixel_size_A)) + 4
     size += size % 2
     return int(min(box, size))
@@ -98,6 +101,8 @@ def render_isotropic(centres_A: torch.Tensor, amplitudes: torch.Tensor, sigmas_A
 
     Args:
         centres_A: ``(N, 3)`` Å; amplitudes ``(N,)``; sigmas_A ``(N,)`` Å.
+            Centres ``(B, N, 3)`` and amplitudes ``(B, N)`` give every pose its
+            own (deformed) model.
         rotations: ``(B, 3, 3)`` RELION matrices.
         box: image size ``n`` in pixels; pixel_size_A: Å.
         window: ``'dense'`` (profiles on every pixel), ``'window'`` (±5σ

@@ -1,0 +1,172 @@
+"""gsplat_gmm_heterogeneity: eigen-motions of a Gaussian model and per-particle coordinates.
+
+Example::
+
+    gsplat_gmm_heterogeneity -i particles.star -o hetero --consensus splat/model.npz --motions 4
+    gsplat_gmm_heterogeneity -i particles.star -o hetero --amplitudes --classes 5
+
+Per particle, the gradient of the data-fit loss with respect to the Gaussian
+positions (and amplitudes with ``--amplitudes``) at the consensus; a PCA of
+those gradients gives the eigen-motions; Gauss-Newton gives each particle's
+coordinates along them; model, motions and coordinates are then refined in
+turn (seed 004). Writes into the output folder:
+
+* ``particles.star``: the input rows, same order, plus ``rlnGsplatCoordinate<k>``
+  (with ``--parts``: the principal coordinates of all rigid and residual
+  coordinates, and the rigid ones as ``rlnGsplatPart<p>RotXDeg`` … ``ShiftZA``),
+  and ``rlnClassNumber`` with ``--classes``;
+* ``heterogeneity.npz``: consensus model, motions, coordinates, explained variance;
+* ``consensus.npz``/``consensus.pdb``/``consensus.mrc``: the consensus model;
+* ``motion<k>_frame<f>.mrc`` maps and ``motion<k>.pdb`` trajectories along each motion;
+* ``class<c>.mrc``: the model at each subset's mean coordinate (``--classes``);
+* ``report.png`` (coordinate histograms/hexbin, explained variance) and ``summary.json``.
+
+``state.npz`` is written after every stage; the same command run again
+continues from it (``--restart`` ignores it).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from scipion_gsplat.core import io
+from scipion_gsplat.core.heterogeneity import analysis
+from scipion_gsplat.core.heterogeneity.pipeline import HeterogeneityConfig, run_heterogeneity
+from scipion_gsplat.core.heterogeneity.plots import save_report
+from scipion_gsplat.core.io import InputError, atomic_path
+
+from ._cli import Progress, console_entry, read_posed_particles, setup_runtime
+
+DESCRIPTION = ("Continuous heterogeneity: eigen-motions of a Gaussian model from per-particle gradients, "
+               "and each particle's coordinates along them.")
+COORDINATE_LABEL = "rlnGsplatCoordinate{}"
+
+
+def add_args(parser) -> None:
+    parser.add_argument("-i", "--input", required=True, help="particles STAR file with poses and CTF")
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--angpix", type=float, default=None, help="pixel size (Å) for RELION 3.0 files without one")
+    g = parser.add_argument_group("consensus model")
+    g.add_argument("--consensus", default=None,
+                   help="Gaussian model (.npz from gsplat_reconstruct_splat) or map (.mrc) to sample one "
+                        "from; default: the particles' own Fourier reconstruction")
+    g.add_argument("--n-gaussians", type=int, default=1000, help="Gaussians sampled from a map")
+    g.add_argument("--consensus-epochs", type=int, default=4,
+                   help="epochs fitting the consensus to these particles first (0 = use as given)")
+    m = parser.add_argument_group("motions and coordinates")
+    m.add_argument("--motions", type=int, default=4, help="number of eigen-motions K")
+    m.add_argument("--amplitudes", action="store_true",
+                   help="also per-particle amplitude changes (compositional heterogeneity)")
+    m.add_argument("--rounds", type=int, default=4,
+                   help="alternations of (refit model and motions, re-estimate coordinates)")
+    m.add_argument("--refit-epochs", type=int, default=1, help="epochs of each refit")
+    m.add_argument("--gn-steps", type=int, default=2, help="Gauss-Newton steps per coordinate estimate")
+    m.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
+    m.add_argument("--resize", type=int, default=0,
+                   help="working box (px) the particles are Fourier-cropped to (0: a pixel of about 2.4 Å; "
+                        "the box size: no cropping)")
+    m.add_argument("--pca-particles", type=int, default=10000,
+                   help="at most this many particles enter the gradient PCA (memory bound)")
+    m.add_argument("--parts", type=int, default=0,
+                   help="rigid parts (0: none): Gaussians grouped by position and motion, each part with a "
+                        "per-particle rotation and translation on top of the eigen-motions")
+    m.add_argument("--segmentation", default=None,
+                   help="integer-labelled map (.mrc, labels 1..P) defining the rigid parts instead")
+    m.add_argument("--part-sigma-rot", type=float, default=10.0, help="prior width of part rotations (degrees)")
+    m.add_argument("--part-sigma-shift", type=float, default=5.0, help="prior width of part translations (Å)")
+    o = parser.add_argument_group("outputs")
+    o.add_argument("--frames", type=int, default=10, help="maps along each motion")
+    o.add_argument("--classes", type=int, default=0, help="particle subsets (0 = none)")
+    o.add_argument("--subset-method", choices=analysis.SUBSET_METHODS, default="kmeans",
+                   help="kmeans on all coordinates, or bins along --subset-motion")
+    o.add_argument("--subset-motion", type=int, default=1, help="motion binned by --subset-method bins")
+    o.add_argument("--restart", action="store_true", help="ignore the state of an earlier run")
+
+
+def config_from_args(args) -> HeterogeneityConfig:
+    for name in ("motions", "batch", "frames", "n_gaussians", "gn_steps", "pca_particles"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("rounds", "refit_epochs", "consensus_epochs", "classes", "resize", "parts"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must not be negative")
+    if args.segmentation and not os.path.exists(args.segmentation):
+        raise InputError(f"segmentation not found: {args.segmentation}")
+    if args.consensus and not os.path.exists(args.consensus):
+        raise InputError(f"consensus not found: {args.consensus}")
+    if args.consensus and os.path.splitext(args.consensus)[1].lower() not in (".npz", ".mrc", ".map"):
+        raise InputError(f"{args.consensus}: give a Gaussian model (.npz) or a map (.mrc)")
+    return HeterogeneityConfig(
+        n_motions=args.motions, amplitudes=args.amplitudes, consensus=args.consensus,
+        n_gaussians=args.n_gaussians, consensus_epochs=args.consensus_epochs, rounds=args.rounds,
+        refit_epochs=args.refit_epochs, gn_steps=args.gn_steps, batch=args.batch,
+        pca_particles=args.pca_particles, resize=args.resize, parts=args.parts,
+        segmentation=args.segmentation, part_sigma_rot_deg=args.part_sigma_rot,
+        part_sigma_shift_A=args.part_sigma_shift)
+
+
+def main(args) -> None:
+    device = setup_runtime(args)
+    cfg = config_from_args(args)
+    star, _ = read_posed_particles(args.input, args.angpix, need_ctf=True)
+    box, pix = star.box_size, star.pixel_size
+    os.makedirs(args.output, exist_ok=True)
+    state = os.path.join(args.output, "state.npz")
+    if args.restart and os.path.exists(state):
+        os.remove(state)
+    print(f"gsplat_gmm_heterogeneity: {len(star)} particles, box {box} px at {pix} Å, "
+          f"{cfg.n_motions} motions{' + amplitudes' if cfg.amplitudes else ''}, device {device}", flush=True)
+
+    def log(line: str) -> None:
+        print(f"  {line}", flush=True)
+
+    res = run_heterogeneity(star, cfg, seed=args.seed, device=device, workdir=args.output, log=log,
+                            progress_factory=lambda label: Progress(label))
+    z, mm = res.coordinates, res.model
+    u, _, _ = analysis.user_coordinates(mm, z)
+    out = lambda name: os.path.join(args.output, name)  # noqa: E731
+    parts = star.particles.copy()
+    for k in range(u.shape[1]):
+        parts[COORDINATE_LABEL.format(k + 1)] = u[:, k]
+    for name, values in zip(mm.coordinate_names()[:mm.n_rigid], z[:, :mm.n_rigid].T):
+        parts["rlnGsplat" + "".join(w.capitalize() for w in name.split("_"))] = values
+    summary = {"n_particles": len(star), "box": box, "pixel_size_A": pix, "n_gaussians": len(mm),
+               "motions": cfg.n_motions, "amplitudes": cfg.amplitudes,
+               "explained_variance": [float(e) for e in res.explained],
+               "coordinate_std_A": [float(s) for s in u.std(axis=0)], "seconds": res.seconds,
+               "coordinate_names": mm.coordinate_names(),
+               "parts": [int(n) for n in np.bincount(mm.parts.cpu().numpy()[mm.parts.cpu().numpy() >= 0])]
+               if mm.parts is not None else []}
+    labels = None
+    if args.classes:
+        labels, _ = analysis.subsets(u, args.classes, args.subset_method, args.subset_motion - 1, args.seed)
+        centres = np.stack([z[labels == c].mean(axis=0) if (labels == c).any() else z.mean(axis=0)
+                            for c in range(1, args.classes + 1)])
+        parts["rlnClassNumber"] = labels
+        summary["classes"] = analysis.write_subset_maps(mm, centres, args.output, box, pix, device)
+        summary["class_sizes"] = [int((labels == c).sum()) for c in range(1, args.classes + 1)]
+    io.write_particles(out("particles.star"), star, parts)
+    mm.save(out("heterogeneity.npz"), z, explained=res.explained, user_coordinates=u)
+    consensus = mm.to_model()
+    consensus.save(out("consensus.npz"))
+    origin = np.full(3, (box // 2) * pix)
+    consensus.write_structure(out("consensus.pdb"), origin, box * pix)
+    io.write_map(out("consensus.mrc"), consensus.to_map(box, pix, device=device), pix)
+    summary["motion_frames"] = analysis.write_motion_frames(mm, z, args.output, box, pix, args.frames,
+                                                            device=device)
+    save_report(out("report.png"), u, res.explained, labels)
+    with atomic_path(out("summary.json")) as tmp:
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=1)
+    print(f"gsplat_gmm_heterogeneity: {len(mm)} Gaussians, {cfg.n_motions} motions "
+          f"({', '.join(f'{100 * e:.1f} %' for e in res.explained)} of the gradient variance), "
+          f"{res.seconds:.1f} s", flush=True)
+    print(f"gsplat_gmm_heterogeneity: wrote {out('particles.star')}", flush=True)
+
+
+run = console_entry("gsplat_gmm_heterogeneity", DESCRIPTION, add_args, main)
+
+if __name__ == "__main__":
+    run()

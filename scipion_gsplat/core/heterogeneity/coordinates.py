@@ -1,0 +1,111 @@
+"""Per-particle coordinates along the eigen-motions by Gauss-Newton.
+
+For particle ``b`` the coordinates ``z_b (K,)`` minimise::
+
+    ‖CTF_b ∗ render_b(model deformed by z_b) − image_b‖² / σ_n²  +  Σ_k z_bk² / s_k²
+
+(a Gaussian prior of per-motion variance ``s_k²``, the population variance of
+the coordinates, which keeps motions a view cannot see from running away).
+Each step linearises the rendered image in ``z`` — the Jacobian ``J (n², K)``
+by forward differences along each motion — and solves the ``K×K`` system
+``(JᵀJ + σ_n²/s²)·Δz = −(Jᵀr + σ_n²·z/s²)`` for every particle of a batch at
+once. The first step from ``z = 0`` is the gradient projected on the motions
+divided by the particle's own sensitivity to them, which the prototype found
+worth +0.05 in rank correlation over the plain projection.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..splat.data import ParticleData
+from ..splat.render import DEFAULT_MAX_ELEMENTS, micro_batch_size, render
+from .motion_model import MotionModel
+
+
+def _render(mm: MotionModel, phys: dict, z: torch.Tensor, rot, sh, ctf, data: ParticleData) -> torch.Tensor:
+    return render(mm.deformed(z, phys), rot, data.box, data.pixel_size_A, sh, ctf)
+
+
+def jacobian(mm: MotionModel, phys: dict, z: torch.Tensor, base: torch.Tensor, rot, sh, ctf,
+             data: ParticleData, step_A: float) -> torch.Tensor:
+    """``(B, P, K)`` derivative of the rendered images along each motion, by
+    forward differences from ``base`` (the images rendered at ``z``)."""
+    eye = torch.eye(z.shape[1], device=z.device)
+    cols = [((_render(mm, phys, z + step_A * eye[j], rot, sh, ctf, data) - base) / step_A).flatten(1)
+            for j in range(z.shape[1])]
+    return torch.stack(cols, dim=2)
+
+
+def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.ndarray,
+                       z: torch.Tensor, steps: int, noise_var: float,
+                       prior_var: Optional[torch.Tensor], step_A: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss-Newton steps for the particles ``idx``.
+
+    The Jacobian is computed once at the starting ``z`` and reused by the
+    following steps (a chord method: ``K + 1`` renders for the first step, one
+    for each further step), which converges as well here because the images
+    are nearly linear in ``z`` over the coordinate range of one step.
+
+    Args:
+        z: ``(B, K)`` starting coordinates.
+        noise_var: per-pixel noise variance ``σ_n²``.
+        prior_var: ``(K,)`` prior variances ``s²`` (``inf``: none) or None
+            (no prior); a tiny Levenberg damping keeps the system solvable.
+        step_A: finite-difference step (units of the coordinates, Å RMS).
+
+    Returns:
+        ``(z (B, K), residual sum of squares (B,))`` at the returned ``z``.
+    """
+    imgs, rot, sh, ctf = data.batch(idx)
+    z = z.clone()
+    pred = _render(mm, phys, z, rot, sh, ctf, data)
+    if steps < 1:
+        return z, (pred - imgs).flatten(1).square().sum(dim=1)
+    jac = jacobian(mm, phys, z, pred, rot, sh, ctf, data, step_A)                   # (B, P, K)
+    h = jac.transpose(1, 2) @ jac                                                    # (B, K, K)
+    eye = torch.eye(z.shape[1], device=z.device)
+    lam = torch.zeros_like(z) if prior_var is None else (noise_var / prior_var.clamp(min=1e-12)).expand_as(z)
+    # the prior, plus a tiny Levenberg damping for directions a view cannot see
+    h = h + torch.diag_embed(lam) + (1e-6 * h.diagonal(dim1=1, dim2=2).mean(dim=1) + 1e-12)[:, None, None] * eye
+    for it in range(steps):
+        r = (pred - imgs).flatten(1)
+        g = (jac.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + lam * z
+        z = z - torch.linalg.solve(h, g.unsqueeze(-1)).squeeze(-1)
+        pred = _render(mm, phys, z, rot, sh, ctf, data)
+    return z, (pred - imgs).flatten(1).square().sum(dim=1)
+
+
+def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor] = None,
+                         steps: int = 2, noise_var: Optional[float] = None,
+                         prior_var: Optional[torch.Tensor] = None,
+                         max_elements: int = DEFAULT_MAX_ELEMENTS,
+                         progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, float]:
+    """Coordinates of every particle of ``data``.
+
+    Args:
+        z0: ``(M, K)`` starting coordinates (default zeros).
+        noise_var: per-pixel noise variance (default: the mean residual
+            variance of the model at ``z0`` on the first batch).
+
+    Returns:
+        ``((M, K) coordinates, noise variance used)``.
+    """
+    m, k = len(data), mm.n_coordinates
+    z = torch.zeros(m, k, device=data.device) if z0 is None else z0.clone().to(data.device)
+    with torch.no_grad():
+        phys = {key: v.detach() for key, v in mm.base.tensors().items()}
+        step = micro_batch_size(len(mm), data.box, float(phys["sigmas_A"].max()), data.pixel_size_A,
+                                max_elements=max_elements)
+        step = max(1, min(step, 128))
+        for s in range(0, m, step):
+            idx = np.arange(s, min(s + step, m))
+            if noise_var is None:
+                _, rss = gauss_newton_batch(mm, phys, data, idx, z[idx], 0, 1.0, None)
+                noise_var = float(rss.mean()) / data.box ** 2
+            z[idx], _ = gauss_newton_batch(mm, phys, data, idx, z[idx], steps, noise_var, prior_var)
+            if progress:
+                progress(min(s + step, m), m)
+    return z, float(noise_var)
