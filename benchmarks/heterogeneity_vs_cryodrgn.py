@@ -18,11 +18,12 @@ wall time and peak memory (GNU time) of the whole program. On ``hinge`` the
 same particles go to ``cryodrgn train_vae --zdim 1`` (its own venv, see
 benchmarks/cryodrgn_reference.py) and to an oracle: template matching against
 the 20 true state maps with the true poses and CTF (the best any method can do
-at this SNR). cryoDRGN takes ~40 min per epoch of 4000 particles on one core:
-its run is cached in ``<out>/hinge/cryodrgn`` keyed by the STAR file's checksum
-and reused when present (the table says so).
+at this SNR). cryoDRGN's default 1024-wide networks take ~40 min per epoch of
+4000 particles on one core, so the benchmark trains 256-wide ones (``--drgn-args``)
+for 12 epochs; its run is cached in ``<out>/hinge/cryodrgn`` keyed by the STAR
+file's checksum, epochs and arguments, and reused when present (the table says so).
 
-Usage: python benchmarks/heterogeneity_vs_cryodrgn.py [--threads 1] [--drgn-epochs 2] [--datasets hinge ...]
+Usage: python benchmarks/heterogeneity_vs_cryodrgn.py [--threads 1] [--drgn-epochs 12] [--datasets hinge ...] [--reuse]
 """
 from __future__ import annotations
 
@@ -53,18 +54,31 @@ DATASETS = {
                     "--n-states", 5, "--seed", 7], []),
     "composition": (["--remove", "A/100-129", "--seed", 9], ["--amplitudes", "--motions", "1"]),
 }
-RUNS = {"default (4 motions, 4 rounds, 40 px)": [], "1 motion, 6 rounds, 64 px": ["--motions", "1", "--rounds", "6", "--resize", "64"]}
+DEFAULT = ("default (4 motions, 4 rounds, 40 px)", [])
+RUNS = {"hinge": [DEFAULT, ("1 motion, 6 rounds, 64 px", ["--motions", "1", "--rounds", "6", "--resize", "64"]),
+                  ("4 motions + 2 rigid parts", ["--parts", "2"])],
+        "two_hinges": [DEFAULT, ("4 motions + 3 rigid parts", ["--parts", "3"])],
+        "composition": [("amplitudes, 1 motion", [])]}
 
 
-def run(cmd, log, cwd=None, env=None) -> tuple[float, float]:
-    """Run a command under GNU time; return (wall s, peak RSS MB)."""
-    tfile = str(log) + ".time"
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        subprocess.run(["/usr/bin/time", "-v", "-o", tfile] + [str(c) for c in cmd], cwd=cwd, env=env,
-                       check=True, stdout=fh, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", Path(tfile).read_text())
+def run(cmd, log, cwd=None, env=None, reuse: bool = False) -> tuple[float, float]:
+    """Run a command under GNU time; return (wall s, peak RSS MB). With
+    ``reuse`` and a finished earlier run of the same command (its log and time
+    files), read its figures instead of running it again."""
+    tfile = Path(str(log) + ".time")
+    cmd = [str(c) for c in cmd]
+    done = Path(str(log) + ".cmd")
+    if not (reuse and tfile.exists() and done.exists() and done.read_text() == " ".join(cmd)):
+        done.unlink(missing_ok=True)
+        with open(log, "w") as fh:
+            subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile)] + cmd, cwd=cwd, env=env,
+                           check=True, stdout=fh, stderr=subprocess.STDOUT)
+        done.write_text(" ".join(cmd))
+    text = tfile.read_text()
+    h, m, sec = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)",
+                          text).groups()
+    wall = int(h or 0) * 3600 + int(m) * 60 + float(sec)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return wall, (int(rss.group(1)) / 1024.0 if rss else float("nan"))
 
 
@@ -108,31 +122,45 @@ def oracle_rho(sim: Path, n_states: int, params: np.ndarray) -> float:
     return rho(p @ np.arange(n_states), params)
 
 
-def cryodrgn_row(sim: Path, params: np.ndarray, epochs: int, threads: int) -> dict:
+def _drgn_epochs_rho(train: Path, epochs: int, params: np.ndarray) -> list:
+    """|ρ| of cryoDRGN's latent after each epoch (its z.<e>.pkl files)."""
+    import pickle
+    out = []
+    for e in range(1, epochs + 1):
+        path = train / f"z.{e}.pkl"
+        if path.exists():
+            with open(path, "rb") as fh:
+                out.append(rho(np.asarray(pickle.load(fh))[:, 0], params))
+    return out
+
+
+def cryodrgn_row(sim: Path, params: np.ndarray, epochs: int, threads: int, extra: list) -> dict:
     from cryodrgn_reference import install_hint, run_cryodrgn
     work = sim / "cryodrgn"
     digest = hashlib.md5((sim / "particles.star").read_bytes() + (sim / "particles.mrcs").read_bytes()[:1 << 20]
                          ).hexdigest()
+    key = {"digest": digest, "epochs": epochs, "extra": list(extra)}
     cache = work / "result.json"
-    if cache.exists():
-        res = json.loads(cache.read_text())
-        if res.get("digest") == digest and res.get("epochs") == epochs:
-            z = np.load(work / "z.npy")
-            return {"method": f"cryodrgn train_vae --zdim 1, {epochs} ep (cached run)", "rho": rho(z[:, 0], params),
-                    "time_s": res["seconds"], "peak_MB": res["peak_rss_MB"]}
-    if not Path("/opt/cryodrgn_venv/bin/cryodrgn").exists():
-        print(f"cryoDRGN not installed ({install_hint()}): skipped", file=sys.stderr)
-        return {}
-    res = run_cryodrgn(sim / "particles.star", work, 64, 1.5, epochs, zdim=1, threads=threads)
-    np.save(work / "z.npy", res.pop("z"))
-    res["digest"] = digest
-    cache.write_text(json.dumps(res, indent=1))
+    label = f"cryodrgn train_vae --zdim 1 {' '.join(extra)} {epochs} ep".replace("  ", " ")
+    res = json.loads(cache.read_text()) if cache.exists() else {}
+    if all(res.get(k) == v for k, v in key.items()):
+        label += " (cached run)"
+    else:
+        if not Path("/opt/cryodrgn_venv/bin/cryodrgn").exists():
+            print(f"cryoDRGN not installed ({install_hint()}): skipped", file=sys.stderr)
+            return {}
+        res = run_cryodrgn(sim / "particles.star", work, 64, 1.5, epochs, zdim=1, threads=threads, extra_args=extra)
+        np.save(work / "z.npy", res.pop("z"))
+        res.update(key)
+        cache.write_text(json.dumps(res, indent=1))
+        label += f" ({threads} thr)"
     z = np.load(work / "z.npy")
-    return {"method": f"cryodrgn train_vae --zdim 1, {epochs} ep ({threads} thr)", "rho": rho(z[:, 0], params),
-            "time_s": res["seconds"], "peak_MB": res["peak_rss_MB"]}
+    return {"method": label, "rho": rho(z[:, 0], params), "time_s": res["seconds"], "peak_MB": res["peak_rss_MB"],
+            "rho_by_epoch": _drgn_epochs_rho(work / "train", epochs, params)}
 
 
-def benchmark(name: str, out: Path, threads: int, drgn_epochs: int) -> list:
+def benchmark(name: str, out: Path, threads: int, drgn_epochs: int, reuse: bool = False,
+              drgn_args: tuple = ()) -> list:
     sim_args, extra = DATASETS[name]
     sim = out / name
     if not (sim / "particles.star").exists():
@@ -142,12 +170,13 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int) -> list:
     truth = np.load(sim / "ground_truth.npz")
     labels, params = truth["labels"], truth["parameters"]
     rows = []
-    for label, run_args in (RUNS.items() if name != "composition" else [("amplitudes, 1 motion", [])]):
+    for label, run_args in RUNS[name]:
         folder = sim / ("ours_" + re.sub(r"\W+", "_", label).strip("_"))
         wall, peak = run([BIN / "gsplat_gmm_heterogeneity", "-i", sim / "particles.star", "-o", folder,
                           "--restart", "--threads", threads, "--device", "cpu", "--frames", 5] + extra + run_args,
-                         sim / f"{folder.name}.log")
-        z = np.load(folder / "heterogeneity.npz")["coordinates"]
+                         sim / f"{folder.name}.log", reuse=reuse)
+        with np.load(folder / "heterogeneity.npz") as d:  # the coordinates users see (principal ones with parts)
+            z = d["user_coordinates"] if "user_coordinates" in d else d["coordinates"]
         auc, auc_cons = state_map_auc(sim, folder, labels, 1.5, 64)
         row = {"method": f"gsplat {label} ({threads} thr)", "time_s": wall, "peak_MB": peak,
                "rho": max(rho(z[:, k], params) for k in range(z.shape[1])), "auc": auc, "auc_consensus": auc_cons}
@@ -164,11 +193,16 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int) -> list:
             row["accuracy"] = float(max((pred == labels).mean(), (pred != labels).mean()))
         rows.append(row)
     if name == "hinge":
-        t0 = time.perf_counter()
-        rows.append({"method": "oracle: template matching with the 20 true maps", "rho": oracle_rho(sim, 20, params),
-                     "time_s": time.perf_counter() - t0})
+        cache = sim / "oracle.json"
+        if reuse and cache.exists():
+            oracle = json.loads(cache.read_text())
+        else:
+            t0 = time.perf_counter()
+            oracle = {"rho": oracle_rho(sim, 20, params), "time_s": time.perf_counter() - t0}
+            cache.write_text(json.dumps(oracle))
+        rows.append({"method": "oracle: template matching with the 20 true maps", **oracle})
         if drgn_epochs > 0:
-            drgn = cryodrgn_row(sim, params, drgn_epochs, threads)
+            drgn = cryodrgn_row(sim, params, drgn_epochs, threads, list(drgn_args))
             if drgn:
                 rows.append(drgn)
     return rows
@@ -187,6 +221,8 @@ def print_table(name: str, rows: list) -> None:
         if "rho2" in r:
             print(f"{'':<4}second hinge |ρ| {r['rho2']:.3f}; best components {r['components']}; "
                   f"R² of each angle on all coordinates {r['r2'][0]:.3f}, {r['r2'][1]:.3f}")
+        if r.get("rho_by_epoch"):
+            print(f"{'':<4}|ρ| after each epoch: " + ", ".join(f"{v:.3f}" for v in r["rho_by_epoch"]))
         if "accuracy" in r:
             print(f"{'':<4}two-class accuracy (GMM on the coordinate) {r['accuracy']:.3f}")
 
@@ -194,9 +230,14 @@ def print_table(name: str, rows: list) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--drgn-epochs", type=int, default=2, help="cryoDRGN epochs (0 = skip cryoDRGN)")
+    ap.add_argument("--drgn-epochs", type=int, default=12, help="cryoDRGN epochs (0 = skip cryoDRGN)")
+    ap.add_argument("--drgn-args", default="--enc-dim 256 --dec-dim 256",
+                    help="extra train_vae arguments (default: 256-wide networks, ~16x cheaper than cryoDRGN's "
+                         "1024 default, whose first epoch alone takes ~40 min of one core here)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "output" / "heterogeneity"))
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs of the same commands (figures from their logs) and the oracle")
     args = ap.parse_args()
     if shutil.which("time") is None and not Path("/usr/bin/time").exists():
         print("GNU time is needed (apt-get install time)", file=sys.stderr)
@@ -205,7 +246,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.datasets:
-        results[name] = benchmark(name, out, args.threads, args.drgn_epochs)
+        results[name] = benchmark(name, out, args.threads, args.drgn_epochs, args.reuse,
+                                  tuple(args.drgn_args.split()))
         print_table(name, results[name])
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return 0

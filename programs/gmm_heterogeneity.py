@@ -62,6 +62,8 @@ def add_args(parser) -> None:
     m.add_argument("--rounds", type=int, default=4,
                    help="alternations of (refit model and motions, re-estimate coordinates)")
     m.add_argument("--refit-epochs", type=int, default=1, help="epochs of each refit")
+    m.add_argument("--final-epochs", type=int, default=2,
+                   help="epochs of a last refit on the full-size images when --resize cropped them (sharper maps)")
     m.add_argument("--gn-steps", type=int, default=2, help="Gauss-Newton steps per coordinate estimate")
     m.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
     m.add_argument("--resize", type=int, default=0,
@@ -89,7 +91,7 @@ def config_from_args(args) -> HeterogeneityConfig:
     for name in ("motions", "batch", "frames", "n_gaussians", "gn_steps", "pca_particles"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("rounds", "refit_epochs", "consensus_epochs", "classes", "resize", "parts"):
+    for name in ("rounds", "refit_epochs", "final_epochs", "consensus_epochs", "classes", "resize", "parts"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if args.segmentation and not os.path.exists(args.segmentation):
@@ -101,7 +103,7 @@ def config_from_args(args) -> HeterogeneityConfig:
     return HeterogeneityConfig(
         n_motions=args.motions, amplitudes=args.amplitudes, consensus=args.consensus,
         n_gaussians=args.n_gaussians, consensus_epochs=args.consensus_epochs, rounds=args.rounds,
-        refit_epochs=args.refit_epochs, gn_steps=args.gn_steps, batch=args.batch,
+        refit_epochs=args.refit_epochs, final_epochs=args.final_epochs, gn_steps=args.gn_steps, batch=args.batch,
         pca_particles=args.pca_particles, resize=args.resize, parts=args.parts,
         segmentation=args.segmentation, part_sigma_rot_deg=args.part_sigma_rot,
         part_sigma_shift_A=args.part_sigma_shift)

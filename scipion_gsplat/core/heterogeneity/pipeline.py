@@ -8,7 +8,9 @@
    fraction of the gradient variance each explains;
 3. coordinates of every particle by Gauss-Newton (:mod:`.coordinates`);
 4. ``rounds`` × (refit model and motions with coordinates fixed, re-normalise,
-   re-estimate coordinates with the population prior).
+   re-estimate coordinates with the population prior);
+5. when the work ran on cropped particles, a last refit of model and motions on
+   the full-size images (sharper maps along the motions).
 
 After each stage the state is written to ``<workdir>/state.npz`` with a
 signature of the inputs; a rerun with the same inputs continues after the
@@ -58,6 +60,9 @@ class HeterogeneityConfig:
         gn_steps: Gauss-Newton steps per coordinate estimation.
         batch: particles per optimiser step.
         pca_particles: at most this many particles enter the PCA (memory bound).
+        final_epochs: after the rounds, epochs refitting model and motions on
+            the full-size images (coordinates fixed), for sharper maps (only
+            when the particles were cropped).
         parts: number of rigid parts (0: none), the largest one the reference
             body; each other part gets a per-particle rotation and translation
             (:mod:`.parts`).
@@ -83,6 +88,7 @@ class HeterogeneityConfig:
     batch: int = 32
     pca_particles: int = 10000
     resize: int = 0
+    final_epochs: int = 2
     parts: int = 0
     segmentation: Optional[str] = None
     part_sigma_rot_deg: float = 10.0
@@ -193,7 +199,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         raise InputError("the number of eigen-motions must be at least 1")
     if len(star) < 2 * cfg.n_motions + 2:
         raise InputError(f"{len(star)} particles are too few for {cfg.n_motions} eigen-motions")
-    data = ParticleData.from_star(star, None, device, use_ctf=True)
+    full = data = ParticleData.from_star(star, None, device, use_ctf=True)
     work = working_box(cfg.resize, data.box, data.pixel_size_A, WORKING_PIXEL_A)
     if work != data.box:
         data = data.downsampled(work)
@@ -240,4 +246,14 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
             + ", ".join(f"{float(s):.2f}" for s in z.std(dim=0)) + f" Å, {time.time() - t0:.1f} s")
         if state_path:
             _save_state(state_path, mm, z.cpu().numpy(), explained, r, signature, history)
+    if full.box != data.box and cfg.final_epochs > 0 and stage <= cfg.rounds:
+        # the coordinates are settled; sharpen the model (and its maps) on the full-size images
+        mm.base = base_parameters(mm.to_model(), full.pixel_size_A, device)
+        losses = refit(mm, full, z, cfg.final_epochs, cfg.batch, seed=seed + 997,
+                       progress=prog("full-resolution refit"))
+        z = mm.normalise(z)
+        history.append({"stage": cfg.rounds + 1, "seconds": time.time() - t0, "loss": losses[-1]})
+        log(f"full-resolution refit ({full.box} px): loss {losses[-1]:.6f}, {time.time() - t0:.1f} s")
+        if state_path:
+            _save_state(state_path, mm, z.cpu().numpy(), explained, cfg.rounds + 1, signature, history)
     return HeterogeneityResult(mm, z.cpu().numpy(), np.asarray(explained), history, time.time() - t0)
