@@ -16,6 +16,21 @@ configure(tempfile.mkdtemp(prefix="gsplat-tests-"))
 DATA = Path(__file__).parent / "data"
 
 
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, request):
+    """A fresh headless Scipion project per test module (named after it), as
+    the working directory while the module's tests run."""
+    import os
+
+    from scipion_gsplat.headless import new_project
+    cwd = os.getcwd()
+    name = "gsplat_" + request.module.__name__.split(".")[-1].replace("test_", "")
+    proj = new_project(name, tmp_path_factory.mktemp("projects"))
+    os.chdir(proj.path)
+    yield proj
+    os.chdir(cwd)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA

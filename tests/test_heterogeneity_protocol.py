@@ -4,16 +4,7 @@ import os
 import pytest
 from scipy.stats import spearmanr
 
-from scipion_gsplat.headless import launch_and_wait, new_project
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    cwd = os.getcwd()
-    proj = new_project("gsplat_hetero", tmp_path_factory.mktemp("projects"))
-    os.chdir(proj.path)
-    yield proj
-    os.chdir(cwd)
+from scipion_gsplat.headless import launch_and_wait
 
 
 @pytest.fixture(scope="module")

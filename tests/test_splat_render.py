@@ -43,7 +43,6 @@ def test_one_gaussian_matches_its_line_integral():
     """Pixel values equal the analytic integral of the 3D Gaussian along the beam
     (numerical quadrature through each pixel centre, in the map frame), and the
     image integral, centre (A·μ)_xy − origin and width are preserved."""
-    rng = np.random.default_rng(1)
     box, pix = 32, 1.25
     mu, amp, sig = np.array([4.0, -2.5, 3.0]), 3.0, 2.1
     model = GaussianModel(mu[None], [amp], [sig])

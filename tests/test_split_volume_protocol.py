@@ -4,18 +4,9 @@ import os
 import numpy as np
 import pytest
 
-from scipion_gsplat.headless import launch_and_wait, new_project
+from scipion_gsplat.headless import launch_and_wait
 
 from conftest import accuracy
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    cwd = os.getcwd()
-    proj = new_project("gsplat_split_volume", tmp_path_factory.mktemp("projects"))
-    os.chdir(proj.path)
-    yield proj
-    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
