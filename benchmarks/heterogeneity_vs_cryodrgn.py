@@ -43,6 +43,7 @@ from scipy.stats import spearmanr
 
 from scipion_gsplat.core import fourier, fsc, io
 from scipion_gsplat.core.heterogeneity.motion_model import MotionModel
+from scipion_gsplat.core.heterogeneity.plots import read_outputs
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -175,8 +176,7 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int, reuse: bool 
         wall, peak = run([BIN / "gsplat_gmm_heterogeneity", "-i", sim / "particles.star", "-o", folder,
                           "--restart", "--threads", threads, "--device", "cpu", "--frames", 5] + extra + run_args,
                          sim / f"{folder.name}.log", reuse=reuse)
-        with np.load(folder / "heterogeneity.npz") as d:  # the coordinates users see (principal ones with parts)
-            z = d["user_coordinates"] if "user_coordinates" in d else d["coordinates"]
+        z = read_outputs(folder)["coordinates"]  # the coordinates users see (principal ones with parts)
         auc, auc_cons = state_map_auc(sim, folder, labels, 1.5, 64)
         row = {"method": f"gsplat {label} ({threads} thr)", "time_s": wall, "peak_MB": peak,
                "rho": max(rho(z[:, k], params) for k in range(z.shape[1])), "auc": auc, "auc_consensus": auc_cons}

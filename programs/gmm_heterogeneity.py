@@ -109,6 +109,14 @@ def config_from_args(args) -> HeterogeneityConfig:
         part_sigma_shift_A=args.part_sigma_shift)
 
 
+def part_sizes(mm) -> list:
+    """Gaussians in each moving part ([] without parts)."""
+    if mm.parts is None:
+        return []
+    labels = mm.parts.cpu().numpy()
+    return [int(n) for n in np.bincount(labels[labels >= 0])]
+
+
 def main(args) -> None:
     device = setup_runtime(args)
     cfg = config_from_args(args)
@@ -139,9 +147,7 @@ def main(args) -> None:
                "explained_variance": [float(e) for e in res.explained],
                "coordinate_std_A": [float(s) for s in u.std(axis=0)], "seconds": res.seconds,
                "coordinate_names": mm.coordinate_names(),
-               "parts": [int(n) for n in np.bincount(mm.parts.cpu().numpy()[mm.parts.cpu().numpy() >= 0])]
-               if mm.parts is not None else []}
-    labels = None
+               "parts": part_sizes(mm)}
     if args.classes:
         labels, _ = analysis.subsets(u, args.classes, args.subset_method, args.subset_motion - 1, args.seed)
         centres = np.stack([z[labels == c].mean(axis=0) if (labels == c).any() else z.mean(axis=0)
@@ -158,7 +164,7 @@ def main(args) -> None:
     io.write_map(out("consensus.mrc"), consensus.to_map(box, pix, device=device), pix)
     summary["motion_frames"] = analysis.write_motion_frames(mm, z, args.output, box, pix, args.frames,
                                                             device=device)
-    save_report(out("report.png"), u, res.explained, labels)
+    save_report(out("report.png"), u, res.explained)
     with atomic_path(out("summary.json")) as tmp:
         with open(tmp, "w") as fh:
             json.dump(summary, fh, indent=1)

@@ -48,7 +48,7 @@ class GsplatHeterogeneityViewer(ProtocolViewer):
         plotter = EmPlotter(x=1, y=3, windowTitle="Coordinates", figsize=(14, 4.5))
         fig = plotter.getFigure()
         axes = [fig.add_subplot(1, 3, k + 1) for k in range(3)]
-        plots.plot_histograms(axes[0], out["coordinates"], out["labels"])
+        plots.plot_histograms(axes[0], out["coordinates"])
         plots.plot_hexbin(axes[1], out["coordinates"])
         plots.plot_explained(axes[2], out["explained"])
         return plotter

@@ -40,8 +40,8 @@ def jacobian(mm: MotionModel, phys: dict, z: torch.Tensor, base: torch.Tensor, r
 
 
 def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.ndarray,
-                       z: torch.Tensor, steps: int, noise_var: float,
-                       prior_var: Optional[torch.Tensor], step_A: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+                       z: torch.Tensor, steps: int, noise_var: Optional[float],
+                       prior_var: Optional[torch.Tensor], step_A: float = 0.25) -> tuple[torch.Tensor, float]:
     """Gauss-Newton steps for the particles ``idx``.
 
     The Jacobian is computed once at the starting ``z`` and reused by the
@@ -51,31 +51,35 @@ def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.
 
     Args:
         z: ``(B, K)`` starting coordinates.
-        noise_var: per-pixel noise variance ``σ_n²``.
+        noise_var: per-pixel noise variance ``σ_n²``; None: the mean residual
+            variance of these particles at the starting ``z``.
         prior_var: ``(K,)`` prior variances ``s²`` (``inf``: none) or None
             (no prior); a tiny Levenberg damping keeps the system solvable.
         step_A: finite-difference step (units of the coordinates, Å RMS).
 
     Returns:
-        ``(z (B, K), residual sum of squares (B,))`` at the returned ``z``.
+        ``(z (B, K), noise variance used)``.
     """
     imgs, rot, sh, ctf = data.batch(idx)
     z = z.clone()
     pred = _render(mm, phys, z, rot, sh, ctf, data)
+    if noise_var is None:
+        noise_var = float((pred - imgs).square().mean())
     if steps < 1:
-        return z, (pred - imgs).flatten(1).square().sum(dim=1)
+        return z, noise_var
     jac = jacobian(mm, phys, z, pred, rot, sh, ctf, data, step_A)                   # (B, P, K)
     h = jac.transpose(1, 2) @ jac                                                    # (B, K, K)
     eye = torch.eye(z.shape[1], device=z.device)
     lam = torch.zeros_like(z) if prior_var is None else (noise_var / prior_var.clamp(min=1e-12)).expand_as(z)
     # the prior, plus a tiny Levenberg damping for directions a view cannot see
     h = h + torch.diag_embed(lam) + (1e-6 * h.diagonal(dim1=1, dim2=2).mean(dim=1) + 1e-12)[:, None, None] * eye
-    for it in range(steps):
+    for step in range(steps):
+        if step:  # the images at the updated z (the first step uses those rendered above)
+            pred = _render(mm, phys, z, rot, sh, ctf, data)
         r = (pred - imgs).flatten(1)
         g = (jac.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + lam * z
         z = z - torch.linalg.solve(h, g.unsqueeze(-1)).squeeze(-1)
-        pred = _render(mm, phys, z, rot, sh, ctf, data)
-    return z, (pred - imgs).flatten(1).square().sum(dim=1)
+    return z, noise_var
 
 
 def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor] = None,
@@ -102,10 +106,8 @@ def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch
         step = max(1, min(step, 128))
         for s in range(0, m, step):
             idx = np.arange(s, min(s + step, m))
-            if noise_var is None:
-                _, rss = gauss_newton_batch(mm, phys, data, idx, z[idx], 0, 1.0, None)
-                noise_var = float(rss.mean()) / data.box ** 2
-            z[idx], _ = gauss_newton_batch(mm, phys, data, idx, z[idx], steps, noise_var, prior_var)
+            # the first batch estimates the noise variance when none is given
+            z[idx], noise_var = gauss_newton_batch(mm, phys, data, idx, z[idx], steps, noise_var, prior_var)
             if progress:
                 progress(min(s + step, m), m)
     return z, float(noise_var)

@@ -6,12 +6,10 @@ Scipion plotter in the GUI); :func:`save_report` writes the standard PNG.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 
-def plot_histograms(ax, z: np.ndarray, labels: Optional[np.ndarray] = None, bins: int = 60) -> None:
+def plot_histograms(ax, z: np.ndarray, bins: int = 60) -> None:
     """Histogram of each coordinate (Å RMS displacement), one outline per motion."""
     for k in range(z.shape[1]):
         ax.hist(z[:, k], bins=bins, histtype="step", label=f"motion {k + 1}")
@@ -40,13 +38,13 @@ def plot_explained(ax, explained: np.ndarray) -> None:
     ax.set_ylabel("% of gradient variance")
 
 
-def save_report(path, z: np.ndarray, explained: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
+def save_report(path, z: np.ndarray, explained: np.ndarray) -> None:
     """Three panels (histograms, hexbin of motions 1-2, explained variance) as a PNG."""
     from matplotlib.figure import Figure
     from ..io import atomic_path
     fig = Figure(figsize=(13, 4))
     axes = fig.subplots(1, 3)
-    plot_histograms(axes[0], z, labels)
+    plot_histograms(axes[0], z)
     plot_hexbin(axes[1], z)
     plot_explained(axes[2], explained)
     fig.tight_layout()
@@ -77,16 +75,13 @@ def plot_motion_arrows(axes, model, motion_A: np.ndarray, spread_A: float, fig=N
 def read_outputs(folder) -> dict:
     """What the figures need from a ``gsplat_gmm_heterogeneity`` output folder:
     ``model`` (consensus), ``motions (K, N, 3)``, ``coordinates (M, K)`` (the
-    user coordinates), ``explained (K,)`` and ``labels`` (or None)."""
+    user coordinates) and ``explained (K,)``."""
     from pathlib import Path
 
-    from ..io import read_particles
     from ..splat.model import GaussianModel
     folder = Path(folder)
     with np.load(folder / "heterogeneity.npz") as d:
         out = {"model": GaussianModel(d["centres_A"], d["amplitudes"], d["sigmas_A"]),
                "motions": d["motions_A"], "explained": d["explained"],
                "coordinates": d["user_coordinates"] if "user_coordinates" in d else d["coordinates"]}
-    parts = read_particles(folder / "particles.star").particles
-    out["labels"] = parts["rlnClassNumber"].to_numpy(int) if "rlnClassNumber" in parts else None
     return out

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..splat.data import ParticleData
-from ..splat.render import DEFAULT_MAX_ELEMENTS, micro_batch_size, render
-from ..splat.fit import FitDivergedError, lr_factor
+from ..splat.fit import FitDivergedError, data_loss, lr_factor
+from ..splat.render import DEFAULT_MAX_ELEMENTS, micro_batch_size
 from .motion_model import MotionModel
 
 LEARNING_RATES = {"centres": 0.05, "log_amplitudes": 0.02, "width": 0.02, "cholesky_offdiag": 0.02,
@@ -58,9 +58,7 @@ def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1,
             batch_loss = 0.0
             for m0 in range(0, len(idx), micro):
                 part = idx[m0:m0 + micro]
-                imgs, rot, sh, ctf = data.batch(part)
-                pred = render(mm.deformed(z[part], phys), rot, data.box, data.pixel_size_A, sh, ctf)
-                loss = (pred - imgs).square().sum() / (data.box ** 2 * scale * len(idx))
+                loss = data_loss(mm.deformed(z[part], phys), data, part, scale * len(idx))
                 loss.backward(retain_graph=m0 + micro < len(idx))
                 batch_loss += float(loss.detach())
             if not math.isfinite(batch_loss):
