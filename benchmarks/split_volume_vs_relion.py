@@ -7,7 +7,7 @@ Simulated lysozyme (1AKI) sets, 64 px at 1.5 Å, random poses, CTF:
 * subtle: residues 120-126 (~5 % of the mass) removed, 60/40, SNR 0.1, 0.05 and 0.02.
 
 For each set: our modes (graph as in the thesis; graph; graph + 3D refinement;
-3D-pooled + refinement; both with consensus), ``relion_refine --skip_align --K 2
+3D-pooled; both with consensus), ``relion_refine --skip_align --K 2
 --tau2_fudge 4 --iter 25`` (Debian RELION 3.1, several seeds, 2 threads) and the
 oracle (each particle assigned with the two true maps at its true pose and CTF).
 Reported: accuracy (up to the swap of labels), adjusted Rand index (on
@@ -93,7 +93,7 @@ def ours(sim: Path, work: Path, log_dir: Path) -> list:
     return [("ours: graph (thesis, λ weights)", work / "thesis", t_cls + t_thesis),
             ("ours: graph (coordinate weights)", work / "graph", t_cls + t_graph),
             ("ours: graph + 3D refinement", work / "graph_refine", t_cls + t_graph + t_gref),
-            ("ours: 3D-pooled + refinement", work / "pooled", t_pool),
+            ("ours: 3D-pooled", work / "pooled", t_pool),
             ("ours: both with consensus", work / "both", t_cls + t_graph + t_both)]
 
 

@@ -76,6 +76,24 @@ def test_pooled_detector(sim_pair, tmp_path):
     assert float(agreement.iloc[0]) > 0.8
 
 
+def test_both_starts_keep_the_supported_pooled_split(classified, sim_pair):
+    out = classified / "both"
+    assert refine_classes.run(["-i", str(classified / "graph" / "particles.star"), "-o", str(out),
+                               "--init", "both", "--iterations", "2", "--eigen-iterations", "6"]) == 0
+    summary = io.read_star_table(out / "summary.star", "summary")
+    assert summary["rlnGsplatStartedFrom"].iloc[0] == "pooled"
+    assert float(summary["rlnGsplatAgreementBetweenStarts"].iloc[0]) > 0.95
+    assert accuracy(_classes(out / "particles.star"), _truth(sim_pair)) > 0.95
+    assert (out / "class1.mrc").exists() and (out / "eigenvolume.mrc").exists()
+    # with --refine-pooled both starts are refined and the likelier one is kept
+    assert refine_classes.run(["-i", str(classified / "graph" / "particles.star"), "-o", str(out / "r"),
+                               "--init", "both", "--iterations", "2", "--eigen-iterations", "6",
+                               "--refine-pooled"]) == 0
+    summary = io.read_star_table(out / "r" / "summary.star", "summary")
+    assert np.isfinite(float(summary["rlnGsplatTotalLoglik"].iloc[0]))
+    assert accuracy(_classes(out / "r" / "particles.star"), _truth(sim_pair)) > 0.95
+
+
 def test_pooled_detector_finds_no_support_in_a_homogeneous_set(sim_small, tmp_path):
     assert refine_classes.run(["-i", str(sim_small / "particles.star"), "-o", str(tmp_path),
                                "--init", "pooled", "--iterations", "0", "--eigen-iterations", "6"]) == 0

@@ -51,8 +51,10 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         form.addParam("mode", params.EnumParam, choices=MODES, default=MODE_BOTH, label="Mode",
                       display=params.EnumParam.DISPLAY_COMBO,
                       help="graph (thesis): per-direction PCA + max-cut only. graph + 3D refinement: "
-                           "the graph split refined in 3D. 3D-pooled: residual eigenvolume + GMM, then "
-                           "refined. both with consensus: both starts refined, the likelier kept.")
+                           "the graph split refined in 3D (two-class EM, fixed poses). 3D-pooled: residual "
+                           "eigenvolume (8 Å, masked) and a two-class mixture of each particle's "
+                           "coordinate on it. both with consensus: both; the pooled split when its "
+                           "half sets agree, else the refined graph split.")
         form.addParam("numberOfClasses", params.IntParam, default=2, label="Number of classes",
                       help="2, or more by splitting the largest class while the split is supported.")
         form.addSection(label="Directions")
@@ -64,7 +66,9 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         form.addParam("maxCutMethod", params.EnumParam, choices=list(METHODS), default=0,
                       label="Max-cut method", display=params.EnumParam.DISPLAY_COMBO)
         form.addSection(label="3D")
-        form.addParam("refineIterations", params.IntParam, default=8, label="Refinement iterations")
+        form.addParam("refineIterations", params.IntParam, default=8, label="Refinement iterations",
+                      help="Iterations of the 3D refinement of the graph split (graph + 3D refinement, "
+                           "both).")
         form.addParam("supportThreshold", params.FloatParam, default=0.5, expertLevel=params.LEVEL_ADVANCED,
                       label="Split support threshold",
                       help="A further split (3+ classes) is kept when the eigenvolumes of the two half "

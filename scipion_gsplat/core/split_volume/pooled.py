@@ -13,8 +13,12 @@ squares (as in 3D variability analysis), in noise-whitened Fourier space::
 
 With its degrees of freedom capped — ``v`` is low-passed (about 10 Å) and
 masked tightly (a mask from the consensus map) after every update — the
-iteration does not lock onto noise. A seeded two-component GMM on ``c_p`` then
-gives classes and probabilities. Support test: the eigenvolumes of the two half
+iteration does not lock onto noise. A two-class mixture on ``c_p`` in which
+each coordinate has its own noise variance ``κ/‖CTF_p P_p v‖²``
+(:func:`two_class_mixture`) then gives classes and probabilities; on the
+benchmark sets it beat an equal-variance GMM on all five (e.g. an 85/15
+compositional pair at SNR 0.02: ARI 0.841 against 0.655), and an 8 Å low-pass
+beat 10 Å. Support test: the eigenvolumes of the two half
 sets, computed independently, must agree (their masked correlation is reported).
 """
 from __future__ import annotations
@@ -37,7 +41,8 @@ class PooledResult:
     """``eigenvolume (m, m, m)``, per-particle ``coordinate (N,)``, ``classes (N,)``,
     ``probabilities (N, 2)``, ``eigenvalue`` (variance of the coordinates in
     whitened units), ``half_agreement`` (masked correlation of the half-set
-    eigenvolumes, -1…1) and ``bimodality`` (Ashman's D of the GMM)."""
+    eigenvolumes, -1…1) and ``bimodality`` (separation of the class means over the
+    median per-particle noise, :func:`two_class_mixture`)."""
     eigenvolume: np.ndarray
     coordinate: np.ndarray
     classes: np.ndarray
@@ -66,8 +71,12 @@ def _residual_whitened(data: ParticleSpectra, consensus: np.ndarray, sigma2: np.
     return res, ctf_w
 
 
-def _coordinates(data, v, rows, res, ctf_w, batch=512) -> np.ndarray:
+def _coordinates(data, v, rows, res, ctf_w, batch=512, sensitivity: bool = False):
+    """Least-squares coordinate ``c_p`` of each residual along ``v`` and, with
+    ``sensitivity``, also ``s_p = ‖CTF_p P_p v‖²`` (whitened): the coordinate's
+    noise variance is ``1/s_p``, large for views in which ``v`` projects weakly."""
     c = np.zeros(len(rows))
+    s_all = np.zeros(len(rows))
     pos = 0
     for r, proj in data.project(v, rows, batch):
         sl = slice(pos, pos + len(r))
@@ -75,14 +84,16 @@ def _coordinates(data, v, rows, res, ctf_w, batch=512) -> np.ndarray:
         num = (a.conj() * res[sl]).real.sum((1, 2))
         den = (a.abs() ** 2).sum((1, 2)).clamp(min=1e-20)
         c[sl] = (num / den).cpu().numpy()
+        s_all[sl] = den.cpu().numpy()
         pos += len(r)
-    return c
+    return (c, s_all) if sensitivity else c
 
 
 def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, sigma2: np.ndarray,
                 lowpass_A: float, rows: Optional[np.ndarray] = None, n_iter: int = 15, seed: int = 0,
                 progress: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-    """Leading residual eigenvolume (unit norm) and the coordinates of ``rows``."""
+    """Leading residual eigenvolume (unit norm) and ``(coordinates, sensitivities)``
+    of ``rows`` (:func:`_coordinates`)."""
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     m, pix = data.box, data.pixel_size_A
     max_shell = int(min(m // 2, m * pix / lowpass_A + 1))
@@ -109,27 +120,64 @@ def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, 
             progress(f"eigenvolume iteration {it + 1}: 1 − |cos| = {change:.2e}")
         if change < 1e-5:
             break
-    return v, _coordinates(data, v, rows, res, ctf_w)
+    return v, _coordinates(data, v, rows, res, ctf_w, sensitivity=True)
+
+
+def two_class_mixture(coord: np.ndarray, sensitivity: np.ndarray, seed: int = 0, n_iter: int = 200,
+                      tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Two-class mixture of per-particle coordinates with per-particle noise.
+
+    Model: ``c_p ~ N(a_k, κ/s_p)`` with class means ``a_k``, fractions ``π_k``
+    and one noise scale ``κ`` (1 if the whitening were exact), fitted by EM
+    (closed-form M-step) from a seeded equal-variance GMM. A particle seen from
+    a direction where the difference projects weakly (small ``s_p``) gets a
+    wide likelihood and a soft posterior, instead of being classified by its
+    noisy coordinate as an equal-variance GMM does.
+
+    Returns:
+        ``(probabilities (N, 2) ordered by increasing mean, means (2,),
+        fractions (2,), bimodality)``; bimodality is the separation of the
+        means over the median per-particle standard deviation.
+    """
+    c = np.asarray(coord, float)
+    s = np.maximum(np.asarray(sensitivity, float), 1e-12 * max(float(np.max(sensitivity)), 1e-30))
+    gm = GaussianMixture(2, covariance_type="full", random_state=seed,
+                         means_init=np.percentile(c, [25, 75])[:, None]).fit(c[:, None])
+    a = gm.means_[:, 0].copy()
+    pi = gm.weights_.copy()
+    kappa = float(np.median(s) * gm.covariances_.min())
+    prev = -np.inf
+    for _ in range(n_iter):
+        var = kappa / s[:, None]
+        logp = -0.5 * ((c[:, None] - a[None]) ** 2 / var + np.log(var)) + np.log(np.maximum(pi, 1e-6))[None]
+        top = logp.max(1, keepdims=True)
+        q = np.exp(logp - top)
+        total = float((top[:, 0] + np.log(q.sum(1))).sum())
+        q /= q.sum(1, keepdims=True)
+        pi = q.mean(0)
+        w = q * s[:, None]
+        a = (w * c[:, None]).sum(0) / np.maximum(w.sum(0), 1e-30)
+        kappa = max(float((w * (c[:, None] - a[None]) ** 2).sum() / len(c)), 1e-30)
+        if abs(total - prev) < tol * abs(total):
+            break
+        prev = total
+    order = np.argsort(a)
+    spread = float(np.sqrt(kappa / np.median(s)))
+    return q[:, order], a[order], pi[order], float(abs(a[1] - a[0]) / spread)
 
 
 def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
-                 lowpass_A: float = 10.0, n_iter: int = 15, seed: int = 0,
+                 lowpass_A: float = 8.0, n_iter: int = 15, seed: int = 0,
                  progress: Optional[Callable[[str], None]] = None) -> PooledResult:
-    """Eigenvolume of all particles, coordinates, GMM classes, half-set support."""
+    """Eigenvolume of all particles, coordinates, mixture classes, half-set support."""
     sigma2 = noise_spectrum(data, consensus)
-    v, coord = eigenvolume(data, consensus, mask, sigma2, lowpass_A, None, n_iter, seed, progress)
+    v, (coord, sens) = eigenvolume(data, consensus, mask, sigma2, lowpass_A, None, n_iter, seed, progress)
     halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
     half_v = [eigenvolume(data, consensus, mask, sigma2, lowpass_A, rows, n_iter, seed + 1 + h)[0]
               for h, rows in enumerate(halves)]
     agreement = abs(float((half_v[0] * half_v[1]).sum()))  # unit norm, masked; sign is arbitrary
-    x = coord[:, None]
-    gm = GaussianMixture(2, covariance_type="full", random_state=seed,
-                         means_init=np.percentile(coord, [25, 75])[:, None]).fit(x)
-    order = np.argsort(gm.means_[:, 0])
-    prob = gm.predict_proba(x)[:, order]
+    prob, _, _, bimod = two_class_mixture(coord, sens, seed)
     classes = np.argmax(prob, 1) + 1
     if (classes == 1).sum() < (classes == 2).sum():  # class 1 = the larger class
         prob, classes = prob[:, ::-1], 3 - classes
-    sd = np.sqrt(gm.covariances_.ravel()[order])
-    bimod = float(abs(np.diff(gm.means_[order, 0]))[0] / np.sqrt(0.5 * (sd ** 2).sum()))
     return PooledResult(v, coord, classes, prob, float(np.var(coord)), agreement, bimod)
