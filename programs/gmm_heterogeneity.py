@@ -65,6 +65,9 @@ def add_args(parser) -> None:
     m.add_argument("--final-epochs", type=int, default=2,
                    help="epochs of a last refit on the full-size images when --resize cropped them (sharper maps)")
     m.add_argument("--gn-steps", type=int, default=2, help="Gauss-Newton steps per coordinate estimate")
+    m.add_argument("--prior-components", type=int, default=8,
+                   help="Gaussians of the coordinates' population prior, fitted by deconvolution each round; "
+                        "coordinates are posterior means under it (0: one Gaussian prior, MAP coordinates)")
     m.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
     m.add_argument("--resize", type=int, default=0,
                    help="working box (px) the particles are Fourier-cropped to (0: a pixel of about 2.4 Å; "
@@ -91,7 +94,8 @@ def config_from_args(args) -> HeterogeneityConfig:
     for name in ("motions", "batch", "frames", "n_gaussians", "gn_steps", "pca_particles"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("rounds", "refit_epochs", "final_epochs", "consensus_epochs", "classes", "resize", "parts"):
+    for name in ("rounds", "refit_epochs", "final_epochs", "consensus_epochs", "classes", "resize", "parts",
+                 "prior_components"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if args.segmentation and not os.path.exists(args.segmentation):
@@ -106,7 +110,7 @@ def config_from_args(args) -> HeterogeneityConfig:
         refit_epochs=args.refit_epochs, final_epochs=args.final_epochs, gn_steps=args.gn_steps, batch=args.batch,
         pca_particles=args.pca_particles, resize=args.resize, parts=args.parts,
         segmentation=args.segmentation, part_sigma_rot_deg=args.part_sigma_rot,
-        part_sigma_shift_A=args.part_sigma_shift)
+        part_sigma_shift_A=args.part_sigma_shift, prior_components=args.prior_components)
 
 
 def part_sizes(mm) -> list:

@@ -41,7 +41,8 @@ def jacobian(mm: MotionModel, phys: dict, z: torch.Tensor, base: torch.Tensor, r
 
 def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.ndarray,
                        z: torch.Tensor, steps: int, noise_var: Optional[float],
-                       prior_var: Optional[torch.Tensor], step_A: float = 0.25) -> tuple[torch.Tensor, float]:
+                       prior_var: Optional[torch.Tensor], step_A: float = 0.25,
+                       likelihood: bool = False):
     """Gauss-Newton steps for the particles ``idx``.
 
     The Jacobian is computed once at the starting ``z`` and reused by the
@@ -57,8 +58,13 @@ def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.
             (no prior); a tiny Levenberg damping keeps the system solvable.
         step_A: finite-difference step (units of the coordinates, Å RMS).
 
+        likelihood: also return the Gaussian likelihood of each particle's
+            coordinates in information form, from the quadratic model of the
+            last step: precision ``H = JᵀJ/σ_n² (B, K, K)`` and ``η = H·z − Jᵀr/σ_n²
+            (B, K)`` (no prior in either).
+
     Returns:
-        ``(z (B, K), noise variance used)``.
+        ``(z (B, K), noise variance used)``, and ``(η, H)`` with ``likelihood``.
     """
     imgs, rot, sh, ctf = data.batch(idx)
     z = z.clone()
@@ -66,9 +72,12 @@ def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.
     if noise_var is None:
         noise_var = float((pred - imgs).square().mean())
     if steps < 1:
+        if likelihood:
+            raise ValueError("the likelihood needs at least one Gauss-Newton step")
         return z, noise_var
     jac = jacobian(mm, phys, z, pred, rot, sh, ctf, data, step_A)                   # (B, P, K)
-    h = jac.transpose(1, 2) @ jac                                                    # (B, K, K)
+    jtj = jac.transpose(1, 2) @ jac                                                  # (B, K, K)
+    h = jtj
     eye = torch.eye(z.shape[1], device=z.device)
     lam = torch.zeros_like(z) if prior_var is None else (noise_var / prior_var.clamp(min=1e-12)).expand_as(z)
     # the prior, plus a tiny Levenberg damping for directions a view cannot see
@@ -77,8 +86,12 @@ def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.
         if step:  # the images at the updated z (the first step uses those rendered above)
             pred = _render(mm, phys, z, rot, sh, ctf, data)
         r = (pred - imgs).flatten(1)
-        g = (jac.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1) + lam * z
-        z = z - torch.linalg.solve(h, g.unsqueeze(-1)).squeeze(-1)
+        jtr = (jac.transpose(1, 2) @ r.unsqueeze(-1)).squeeze(-1)
+        if likelihood and step == steps - 1:
+            eta = ((jtj @ z.unsqueeze(-1)).squeeze(-1) - jtr) / noise_var
+        z = z - torch.linalg.solve(h, (jtr + lam * z).unsqueeze(-1)).squeeze(-1)
+    if likelihood:
+        return z, noise_var, (eta, jtj / noise_var)
     return z, noise_var
 
 
@@ -86,16 +99,20 @@ def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch
                          steps: int = 2, noise_var: Optional[float] = None,
                          prior_var: Optional[torch.Tensor] = None,
                          max_elements: int = DEFAULT_MAX_ELEMENTS,
-                         progress: Optional[Callable[[int, int], None]] = None) -> tuple[torch.Tensor, float]:
+                         progress: Optional[Callable[[int, int], None]] = None,
+                         likelihood: bool = False):
     """Coordinates of every particle of ``data``.
 
     Args:
         z0: ``(M, K)`` starting coordinates (default zeros).
         noise_var: per-pixel noise variance (default: the mean residual
             variance of the model at ``z0`` on the first batch).
+        likelihood: also return every particle's coordinate likelihood in
+            information form (:func:`gauss_newton_batch`).
 
     Returns:
-        ``((M, K) coordinates, noise variance used)``.
+        ``((M, K) coordinates, noise variance used)``, and with ``likelihood``
+        ``(η (M, K), H (M, K, K))`` as numpy arrays.
     """
     m, k = len(data), mm.n_coordinates
     z = torch.zeros(m, k, device=data.device) if z0 is None else z0.clone().to(data.device)
@@ -104,10 +121,19 @@ def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch
         step = micro_batch_size(len(mm), data.box, float(phys["sigmas_A"].max()), data.pixel_size_A,
                                 max_elements=max_elements)
         step = max(1, min(step, 128))
+        if likelihood:
+            eta = np.zeros((m, k))
+            prec = np.zeros((m, k, k))
         for s in range(0, m, step):
             idx = np.arange(s, min(s + step, m))
             # the first batch estimates the noise variance when none is given
-            z[idx], noise_var = gauss_newton_batch(mm, phys, data, idx, z[idx], steps, noise_var, prior_var)
+            out = gauss_newton_batch(mm, phys, data, idx, z[idx], steps, noise_var, prior_var,
+                                     likelihood=likelihood)
+            z[idx], noise_var = out[0], out[1]
+            if likelihood:
+                eta[idx], prec[idx] = out[2][0].cpu().numpy(), out[2][1].cpu().numpy()
             if progress:
                 progress(min(s + step, m), m)
+    if likelihood:
+        return z, float(noise_var), (eta, prec)
     return z, float(noise_var)

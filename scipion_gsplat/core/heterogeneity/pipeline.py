@@ -34,6 +34,7 @@ from ..splat.fit import FitConfig, fit
 from ..splat.model import GaussianModel
 from ..splat.reconstruct import InitSpec, initial_models
 from .coordinates import estimate_coordinates
+from .deconvolution import deconvolved_coordinates
 from .gradients import gradient_matrix, principal_motions
 from .motion_model import MotionModel, base_parameters, isotropic, motions_from_vectors
 from .parts import part_centroids, parts_from_map, parts_from_motions
@@ -72,6 +73,10 @@ class HeterogeneityConfig:
             rotations and translations (as RELION's multi-body refinement has:
             translations along the beam and some rotations are invisible in a
             view and would otherwise run away).
+        prior_components: Gaussians of the population prior of the
+            coordinates fitted by deconvolution in every round; the
+            coordinates are then posterior means under it
+            (:mod:`.deconvolution`); 0: a single Gaussian prior (MAP).
         resize: working box (pixels) the particles are Fourier-cropped to
             (0: automatic, a pixel of about 2.4 Å; the box itself: no cropping).
             Motions of domains need no high resolution, and the work falls
@@ -93,6 +98,7 @@ class HeterogeneityConfig:
     segmentation: Optional[str] = None
     part_sigma_rot_deg: float = 10.0
     part_sigma_shift_A: float = 5.0
+    prior_components: int = 8
 
 
 @dataclass
@@ -165,6 +171,24 @@ def prior_variances(mm: MotionModel, z: torch.Tensor, cfg: HeterogeneityConfig) 
     return torch.cat([one.repeat(mm.n_rigid // 6), res])
 
 
+def coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor], cfg: HeterogeneityConfig,
+                prior_var: Optional[torch.Tensor], seed: int, progress=None) -> tuple[torch.Tensor, float]:
+    """Every particle's coordinates: Gauss-Newton (MAP under one Gaussian
+    prior of variances ``prior_var``, none if None), then, with
+    ``cfg.prior_components``, posterior means under the population prior
+    deconvolved from all particles' likelihoods (:mod:`.deconvolution`).
+
+    Returns:
+        ``((M, D) coordinates, noise variance)``.
+    """
+    if cfg.prior_components < 1:
+        return estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var, progress=progress)
+    z, noise, (eta, prec) = estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var,
+                                                 progress=progress, likelihood=True)
+    post, _ = deconvolved_coordinates(eta, prec, z.cpu().numpy(), cfg.prior_components, seed)
+    return torch.as_tensor(post, dtype=z.dtype, device=z.device), noise
+
+
 def _signature(star: ParticleStar, cfg: HeterogeneityConfig, seed: int) -> str:
     return json.dumps({"star": str(star.path), "n": len(star), "seed": seed, "config": asdict(cfg)},
                       sort_keys=True)
@@ -227,7 +251,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         mm = MotionModel(base, motions, amp_motions, amp_length)
         for k, e in enumerate(explained):
             log(f"eigen-motion {k + 1}: {100 * e:.1f} % of the gradient variance")
-        z, noise = estimate_coordinates(mm, data, None, cfg.gn_steps, progress=prog("coordinates"))
+        z, noise = coordinates(mm, data, None, cfg, None, seed, prog("coordinates"))
         z = mm.normalise(z)
         if cfg.parts or cfg.segmentation:
             z = add_parts(mm, z, cfg, data, seed, log, prog)
@@ -238,8 +262,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         losses = refit(mm, data, z, cfg.refit_epochs, cfg.batch, seed=seed + r,
                        progress=prog(f"round {r}: refitting model and motions"))
         prior = prior_variances(mm, z, cfg)
-        z, noise = estimate_coordinates(mm, data, z, cfg.gn_steps, prior_var=prior,
-                                        progress=prog(f"round {r}: coordinates"))
+        z, noise = coordinates(mm, data, z, cfg, prior, seed + r, prog(f"round {r}: coordinates"))
         z = mm.normalise(z)
         history.append({"stage": r, "seconds": time.time() - t0, "loss": losses[-1], "noise_var": noise})
         log(f"round {r}/{cfg.rounds}: loss {losses[-1]:.6f}, coordinate spread "

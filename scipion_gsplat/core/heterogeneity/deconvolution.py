@@ -1,0 +1,124 @@
+"""Population prior of the coordinates by deconvolution, and posterior means.
+
+Each particle's Gauss-Newton fit gives its coordinates as a Gaussian
+likelihood in information form: precision ``H_i (D, D)`` (``JᵀJ/σ²``, singular
+along motions its view cannot see) and information vector ``η_i = H_i ẑ_i``.
+The population of true coordinates is modelled as a mixture of ``C`` Gaussians
+and fitted to all particles at once by "extreme deconvolution" (the EM of
+Bovy, Hogg & Roweis 2011, written here in information form so that singular
+``H_i`` need no inverse). Each particle's coordinate is then its posterior
+mean under that prior: a particle seen from a direction that shows the motion
+poorly is pulled onto the population (for a motion along a curved path or
+with bounded range, onto that path), instead of towards the population mean
+as a single Gaussian prior does.
+
+Shapes: ``M`` particles, ``D`` coordinates, ``C`` components.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+@dataclass
+class CoordinatePrior:
+    """Mixture prior: ``weights (C,)``, ``means (C, D)``, ``covariances (C, D, D)``."""
+    weights: np.ndarray
+    means: np.ndarray
+    covariances: np.ndarray
+
+
+def _component_posteriors(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior):
+    """Per particle and component: log evidence ``(M, C)`` (up to a constant
+    per particle), posterior means ``(M, C, D)`` and covariances ``(M, C, D, D)``."""
+    m, d = eta.shape
+    c = len(prior.weights)
+    eta_t, prec_t = torch.from_numpy(eta), torch.from_numpy(prec)
+    logev = np.zeros((m, c))
+    means = np.zeros((m, c, d))
+    covs = np.zeros((m, c, d, d))
+    for j in range(c):
+        s_inv = np.linalg.inv(prior.covariances[j])
+        s_inv_mu = s_inv @ prior.means[j]
+        a = prec_t + torch.from_numpy(s_inv)[None]                # (M, D, D) posterior precision
+        b = eta_t + torch.from_numpy(s_inv_mu)[None]              # (M, D)
+        chol = torch.linalg.cholesky(a)
+        a_inv = torch.cholesky_inverse(chol)
+        mean = (a_inv @ b.unsqueeze(-1)).squeeze(-1)
+        covs[:, j] = a_inv.numpy()
+        means[:, j] = mean.numpy()
+        _, logdet_s = np.linalg.slogdet(prior.covariances[j])
+        logdet_a = 2.0 * torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(1).numpy()
+        # ∫ exp(ηᵀz − ½zᵀHz) N(z; μ, Σ) dz up to factors that do not depend on j
+        logev[:, j] = (0.5 * (b * mean).sum(1).numpy() - 0.5 * prior.means[j] @ s_inv_mu
+                       - 0.5 * logdet_s - 0.5 * logdet_a + np.log(max(prior.weights[j], 1e-300)))
+    return logev, means, covs
+
+
+def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components: int = 8,
+              n_iter: int = 60, tol: float = 1e-6, seed: int = 0, floor: float = 1e-4) -> CoordinatePrior:
+    """Extreme deconvolution: the mixture prior that best explains all
+    particles' likelihoods ``exp(ηᵢᵀz − ½ zᵀHᵢz)``.
+
+    Args:
+        eta: ``(M, D)`` information vectors ``η_i``.
+        prec: ``(M, D, D)`` likelihood precisions ``H_i`` (symmetric, positive semi-definite).
+        start: ``(M, D)`` point estimates (e.g. MAP coordinates) for the k-means start
+            and the covariance scale.
+        n_components: mixture components ``C``.
+        floor: covariance floor, as a fraction of the (robust) variance of ``start`` per coordinate.
+    """
+    from sklearn.cluster import KMeans
+    z = np.asarray(start, float)
+    eta = np.asarray(eta, float)
+    prec = np.asarray(prec, float)
+    m, d = z.shape
+    c = int(min(n_components, max(1, m // 20)))
+    # robust scale and a clipped start: an estimate without a prior can be wild
+    # for a view that does not see a motion
+    centre = np.median(z, axis=0)
+    sd = 1.4826 * np.median(np.abs(z - centre), axis=0) + 1e-12
+    z = np.clip(z, centre - 5 * sd, centre + 5 * sd)
+    spread = sd ** 2
+    labels = KMeans(c, n_init=3, random_state=seed).fit_predict(z) if c > 1 else np.zeros(m, int)
+    means = np.stack([z[labels == j].mean(0) if (labels == j).any() else z.mean(0) for j in range(c)])
+    covs = np.stack([np.diag(spread) / c] * c)
+    prior = CoordinatePrior(np.full(c, 1.0 / c), means, covs)
+    prev = -np.inf
+    for _ in range(n_iter):
+        logev, pm, pc = _component_posteriors(eta, prec, prior)
+        top = logev.max(1, keepdims=True)
+        r = np.exp(logev - top)
+        total = float((top[:, 0] + np.log(r.sum(1))).sum())
+        r /= r.sum(1, keepdims=True)
+        nk = r.sum(0) + 1e-12
+        means = np.einsum("mc,mcd->cd", r, pm) / nk[:, None]
+        dev = pm - means[None]
+        covs = (np.einsum("mc,mcd,mce->cde", r, dev, dev) + np.einsum("mc,mcde->cde", r, pc)) / nk[:, None, None]
+        covs = covs + np.diag(floor * spread)[None]
+        prior = CoordinatePrior(nk / m, means, covs)
+        if total - prev < tol * abs(total):
+            break
+        prev = total
+    return prior
+
+
+def posterior_means(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior) -> np.ndarray:
+    """``(M, D)`` posterior means of the coordinates under ``prior``."""
+    eta = np.asarray(eta, float)
+    prec = np.asarray(prec, float)
+    logev, pm, _ = _component_posteriors(eta, prec, prior)
+    r = np.exp(logev - logev.max(1, keepdims=True))
+    r /= r.sum(1, keepdims=True)
+    return np.einsum("mc,mcd->md", r, pm)
+
+
+def deconvolved_coordinates(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components: int = 8,
+                            seed: int = 0, prior: Optional[CoordinatePrior] = None
+                            ) -> tuple[np.ndarray, CoordinatePrior]:
+    """Fit the population prior (unless given) and return ``(posterior means (M, D), prior)``."""
+    prior = prior or fit_prior(eta, prec, start, n_components, seed=seed)
+    return posterior_means(eta, prec, prior), prior
