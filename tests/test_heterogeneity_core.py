@@ -51,14 +51,20 @@ def test_per_pose_centres_render_like_separate_models():
         np.testing.assert_allclose(together[b].numpy(), alone[0].numpy(), atol=1e-5)
 
 
-def test_gauss_newton_recovers_known_coordinates_without_noise():
+def _moving_particles(n=40):
+    """A one-motion model and ``n`` noise-free images at random coordinates and views."""
     rng = np.random.default_rng(1)
     model = _model(rng)
     mm = MotionModel(base_parameters(model, PIX), _motion(model), None, 2.5)
-    z_true = rng.uniform(-3.0, 3.0, (40, 1)).astype(np.float32)
-    rot = random_rotations(40, rng)
+    z_true = rng.uniform(-3.0, 3.0, (n, 1)).astype(np.float32)
+    rot = random_rotations(n, rng)
     with torch.no_grad():
         imgs = render(mm.deformed(torch.tensor(z_true)), torch.tensor(rot, dtype=torch.float32), BOX, PIX)
+    return mm, z_true, rot, imgs
+
+
+def test_gauss_newton_recovers_known_coordinates_without_noise():
+    mm, z_true, rot, imgs = _moving_particles()
     z, _ = estimate_coordinates(mm, _data(imgs.numpy(), rot), None, steps=4)
     # views along the motion cannot see it: judge the particles that do see it
     visible = np.abs(rot[:, 1, 1]) > 0.5
@@ -157,13 +163,7 @@ def test_rodrigues_rotations_and_rigid_parts():
 def test_coordinate_likelihood_in_information_form():
     """``η``, ``H`` of the last Gauss-Newton step: ``H⁻¹η`` is the particle's own
     (prior-free) estimate while the MAP coordinate is shrunk by the prior."""
-    rng = np.random.default_rng(1)
-    model = _model(rng)
-    mm = MotionModel(base_parameters(model, PIX), _motion(model), None, 2.5)
-    z_true = rng.uniform(-3.0, 3.0, (40, 1)).astype(np.float32)
-    rot = random_rotations(40, rng)
-    with torch.no_grad():
-        imgs = render(mm.deformed(torch.tensor(z_true)), torch.tensor(rot, dtype=torch.float32), BOX, PIX)
+    mm, z_true, rot, imgs = _moving_particles()
     prior = torch.tensor([1.0])  # a strong prior: the MAP is shrunk, the likelihood is not
     z, noise, (eta, prec) = estimate_coordinates(mm, _data(imgs.numpy(), rot), None, steps=3,
                                                  noise_var=1e-4, prior_var=prior, likelihood=True)
