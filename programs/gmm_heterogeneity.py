@@ -67,7 +67,8 @@ def add_args(parser) -> None:
     m.add_argument("--gn-steps", type=int, default=2, help="Gauss-Newton steps per coordinate estimate")
     m.add_argument("--prior-components", type=int, default=8,
                    help="Gaussians of the coordinates' population prior, fitted by deconvolution each round; "
-                        "coordinates are posterior means under it (0: one Gaussian prior, MAP coordinates)")
+                        "coordinates are posterior means under it (0: one Gaussian prior, MAP coordinates; "
+                        "not used with --amplitudes)")
     m.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
     m.add_argument("--resize", type=int, default=0,
                    help="working box (px) the particles are Fourier-cropped to (0: a pixel of about 2.4 Å; "
