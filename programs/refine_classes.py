@@ -131,9 +131,9 @@ def main(args) -> None:
             results[name] = refine.refine_two_classes(data, q0, args.iterations, not args.hard, args.max_res,
                                                       consensus, cross=args.cross, fudge=args.tau2_fudge,
                                                       progress=log)
-    final = {name: (r.probabilities, r.classes, r.maps) for name, r in results.items()}
-    if pool is not None and "pooled" not in final:
-        final["pooled"] = (pool.probabilities, pool.classes, None)
+    # every start's split: refined, or as it started (class maps made below)
+    final = {name: (results[name].probabilities, results[name].classes, results[name].maps)
+             if name in results else (q0, np.argmax(q0, 1) + 1, None) for name, q0 in starts.items()}
     if len(final) == 2:
         if "pooled" in results:  # both refined: the likelier one
             best = max(results, key=lambda k: results[k].total_loglik)

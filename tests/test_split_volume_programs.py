@@ -67,6 +67,14 @@ def test_refinement_from_the_graph(classified, sim_pair):
     assert summary["rlnGsplatStartedFrom"].iloc[0] == "column"
 
 
+def test_column_split_without_refinement_is_kept(classified, tmp_path):
+    graph = classified / "graph" / "particles.star"
+    assert refine_classes.run(["-i", str(graph), "-o", str(tmp_path), "--iterations", "0"]) == 0
+    kept = _classes(tmp_path / "particles.star")
+    assert accuracy(kept, _classes(graph)) == 1.0
+    assert (tmp_path / "class1.mrc").exists() and (tmp_path / "class2.mrc").exists()
+
+
 def test_pooled_detector(sim_pair, tmp_path):
     assert refine_classes.run(["-i", str(sim_pair / "particles.star"), "-o", str(tmp_path),
                                "--init", "pooled", "--iterations", "0", "--eigen-iterations", "6",
