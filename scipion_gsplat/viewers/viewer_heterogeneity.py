@@ -14,6 +14,7 @@ from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, WEB_DJANGO, ProtocolViewer
 
 from ..core.heterogeneity import plots
+from .figures import save_plotters
 from ..protocols.protocol_gmm_heterogeneity import ProtGsplatGmmHeterogeneity
 
 
@@ -110,18 +111,10 @@ class GsplatHeterogeneityViewer(ProtocolViewer):
 
     def savePngs(self, folder) -> list:
         """Write ``coordinates.png`` and ``motion<k>.png`` for every motion (headless)."""
-        os.makedirs(folder, exist_ok=True)
-        paths = []
         n_motions = self._readOutputs()["motions"].shape[0]
         makers = [("coordinates", self.coordinatesPlotter)]
         makers += [(f"motion{k}", lambda k=k: self.motionPlotter(k)) for k in range(1, n_motions + 1)]
-        for name, make in makers:
-            plotter = make()
-            path = os.path.join(folder, f"{name}.png")
-            plotter.getFigure().savefig(path)
-            plotter.close()
-            paths.append(path)
-        return paths
+        return save_plotters(folder, makers)
 
 
 __all__ = ["GsplatHeterogeneityViewer"]

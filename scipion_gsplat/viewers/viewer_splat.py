@@ -6,13 +6,12 @@ headless. The drawing itself is :mod:`scipion_gsplat.core.splat.plots`.
 """
 from __future__ import annotations
 
-import os
-
 import pyworkflow.protocol.params as params
 from pwem.viewers.plotter import EmPlotter
 from pyworkflow.viewer import DESKTOP_TKINTER, WEB_DJANGO, ProtocolViewer
 
 from ..core.splat import plots
+from .figures import save_plotters
 from ..protocols.protocol_reconstruct_splat import ProtGsplatReconstructSplat
 
 
@@ -72,12 +71,5 @@ class GsplatSplatViewer(ProtocolViewer):
 
     def savePngs(self, folder) -> list:
         """Write ``fsc.png``, ``loss.png`` and ``model.png`` into ``folder`` (headless)."""
-        os.makedirs(folder, exist_ok=True)
-        paths = []
-        for name, make in (("fsc", self.fscPlotter), ("loss", self.lossPlotter), ("model", self.modelPlotter)):
-            plotter = make()
-            path = os.path.join(folder, f"{name}.png")
-            plotter.getFigure().savefig(path)
-            plotter.close()
-            paths.append(path)
-        return paths
+        return save_plotters(folder, (("fsc", self.fscPlotter), ("loss", self.lossPlotter),
+                                      ("model", self.modelPlotter)))

@@ -77,11 +77,10 @@ def gauss_newton_batch(mm: MotionModel, phys: dict, data: ParticleData, idx: np.
         return z, noise_var
     jac = jacobian(mm, phys, z, pred, rot, sh, ctf, data, step_A)                   # (B, P, K)
     jtj = jac.transpose(1, 2) @ jac                                                  # (B, K, K)
-    h = jtj
     eye = torch.eye(z.shape[1], device=z.device)
     lam = torch.zeros_like(z) if prior_var is None else (noise_var / prior_var.clamp(min=1e-12)).expand_as(z)
     # the prior, plus a tiny Levenberg damping for directions a view cannot see
-    h = h + torch.diag_embed(lam) + (1e-6 * h.diagonal(dim1=1, dim2=2).mean(dim=1) + 1e-12)[:, None, None] * eye
+    h = jtj + torch.diag_embed(lam) + (1e-6 * jtj.diagonal(dim1=1, dim2=2).mean(dim=1) + 1e-12)[:, None, None] * eye
     for step in range(steps):
         if step:  # the images at the updated z (the first step uses those rendered above)
             pred = _render(mm, phys, z, rot, sh, ctf, data)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 import torch
 
 
@@ -90,10 +91,8 @@ def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components
     prev = -np.inf
     for _ in range(n_iter):
         logev, pm, pc = _component_posteriors(eta, prec, prior)
-        top = logev.max(1, keepdims=True)
-        r = np.exp(logev - top)
-        total = float((top[:, 0] + np.log(r.sum(1))).sum())
-        r /= r.sum(1, keepdims=True)
+        total = float(logsumexp(logev, axis=1).sum())
+        r = softmax(logev, axis=1)
         nk = r.sum(0) + 1e-12
         means = np.einsum("mc,mcd->cd", r, pm) / nk[:, None]
         dev = pm - means[None]
@@ -111,9 +110,7 @@ def posterior_means(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior) -
     eta = np.asarray(eta, float)
     prec = np.asarray(prec, float)
     logev, pm, _ = _component_posteriors(eta, prec, prior)
-    r = np.exp(logev - logev.max(1, keepdims=True))
-    r /= r.sum(1, keepdims=True)
-    return np.einsum("mc,mcd->md", r, pm)
+    return np.einsum("mc,mcd->md", softmax(logev, axis=1), pm)
 
 
 def deconvolved_coordinates(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components: int = 8,

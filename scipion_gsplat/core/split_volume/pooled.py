@@ -11,7 +11,7 @@ squares (as in 3D variability analysis), in noise-whitened Fourier space::
     v   = argmin Σ_p ‖r_p − c_p CTF_p P_p v‖²                (a reconstruction
           with data weights c_p and CTF² weights c_p²)
 
-With its degrees of freedom capped — ``v`` is low-passed (about 10 Å) and
+With its degrees of freedom capped — ``v`` is low-passed (8 Å by default) and
 masked tightly (a mask from the consensus map) after every update — the
 iteration does not lock onto noise. A two-class mixture on ``c_p`` in which
 each coordinate has its own noise variance ``κ/‖CTF_p P_p v‖²``
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 import torch
 from sklearn.mixture import GaussianMixture
 
@@ -71,10 +72,10 @@ def _residual_whitened(data: ParticleSpectra, consensus: np.ndarray, sigma2: np.
     return res, ctf_w
 
 
-def _coordinates(data, v, rows, res, ctf_w, batch=512, sensitivity: bool = False):
-    """Least-squares coordinate ``c_p`` of each residual along ``v`` and, with
-    ``sensitivity``, also ``s_p = ‖CTF_p P_p v‖²`` (whitened): the coordinate's
-    noise variance is ``1/s_p``, large for views in which ``v`` projects weakly."""
+def _coordinates(data, v, rows, res, ctf_w, batch=512) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares coordinate ``c_p`` of each residual along ``v`` and its
+    sensitivity ``s_p = ‖CTF_p P_p v‖²`` (whitened): the coordinate's noise
+    variance is ``1/s_p``, large for views in which ``v`` projects weakly."""
     c = np.zeros(len(rows))
     s_all = np.zeros(len(rows))
     pos = 0
@@ -86,12 +87,13 @@ def _coordinates(data, v, rows, res, ctf_w, batch=512, sensitivity: bool = False
         c[sl] = (num / den).cpu().numpy()
         s_all[sl] = den.cpu().numpy()
         pos += len(r)
-    return (c, s_all) if sensitivity else c
+    return c, s_all
 
 
 def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, sigma2: np.ndarray,
                 lowpass_A: float, rows: Optional[np.ndarray] = None, n_iter: int = 15, seed: int = 0,
-                progress: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray]:
+                progress: Optional[Callable[[str], None]] = None
+                ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Leading residual eigenvolume (unit norm) and ``(coordinates, sensitivities)``
     of ``rows`` (:func:`_coordinates`)."""
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
@@ -101,9 +103,8 @@ def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, 
     rng = np.random.default_rng(seed)
     v = lowpass(rng.normal(size=(m, m, m)).astype(np.float32), pix, lowpass_A) * mask
     v /= np.linalg.norm(v)
-    c = np.zeros(len(rows))
     for it in range(n_iter):
-        c = _coordinates(data, v, rows, res, ctf_w)
+        c, _ = _coordinates(data, v, rows, res, ctf_w)
         acc = FourierAccumulator(m, pix, data.device, max_shell=max_shell)
         for s in range(0, len(rows), 1024):
             sl = slice(s, s + 1024)
@@ -120,7 +121,7 @@ def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, 
             progress(f"eigenvolume iteration {it + 1}: 1 − |cos| = {change:.2e}")
         if change < 1e-5:
             break
-    return v, _coordinates(data, v, rows, res, ctf_w, sensitivity=True)
+    return v, _coordinates(data, v, rows, res, ctf_w)
 
 
 def two_class_mixture(coord: np.ndarray, sensitivity: np.ndarray, seed: int = 0, n_iter: int = 200,
@@ -150,10 +151,8 @@ def two_class_mixture(coord: np.ndarray, sensitivity: np.ndarray, seed: int = 0,
     for _ in range(n_iter):
         var = kappa / s[:, None]
         logp = -0.5 * ((c[:, None] - a[None]) ** 2 / var + np.log(var)) + np.log(np.maximum(pi, 1e-6))[None]
-        top = logp.max(1, keepdims=True)
-        q = np.exp(logp - top)
-        total = float((top[:, 0] + np.log(q.sum(1))).sum())
-        q /= q.sum(1, keepdims=True)
+        total = float(logsumexp(logp, axis=1).sum())
+        q = softmax(logp, axis=1)
         pi = q.mean(0)
         w = q * s[:, None]
         a = (w * c[:, None]).sum(0) / np.maximum(w.sum(0), 1e-30)

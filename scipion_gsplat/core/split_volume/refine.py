@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 import torch
 
 from ..fsc import apply_shell_filter, fsc_curve, shell_power
@@ -182,11 +183,8 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
             ferr = [0.5 * (ferr[0] + ferr[1])] * 2
             loglik[:], noise[:] = class_loglik(data, np.arange(n), full, ferr, sigma2, max_shell)
         logpost = loglik + np.log(prior)[None, :]
-        top = logpost.max(1, keepdims=True)
-        total = float((top[:, 0] + np.log(np.exp(logpost - top).sum(1))).sum())
-        logpost -= top
-        q = np.exp(logpost)
-        q /= q.sum(1, keepdims=True)
+        total = float(logsumexp(logpost, axis=1).sum())
+        q = softmax(logpost, axis=1)
         # σ² from the residuals against the particles' own classes (the
         # consensus residuals also hold the class difference, which would
         # make the noise look larger exactly where the classes differ)

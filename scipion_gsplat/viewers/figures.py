@@ -1,0 +1,19 @@
+"""Writing a viewer's figures headless."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+
+def save_plotters(folder: str, makers: Iterable[tuple[str, Callable]]) -> list:
+    """Call each ``(name, make)`` maker (returning a Scipion ``EmPlotter``), save its
+    figure as ``<folder>/<name>.png``, close it; return the paths in order."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name, make in makers:
+        plotter = make()
+        path = os.path.join(folder, f"{name}.png")
+        plotter.getFigure().savefig(path)
+        plotter.close()
+        paths.append(path)
+    return paths
