@@ -55,26 +55,36 @@ DATASETS = {
                     "--n-states", 5, "--seed", 7], []),
     "composition": (["--remove", "A/100-129", "--seed", 9], ["--amplitudes", "--motions", "1"]),
 }
-DEFAULT = ("default (4 motions, 4 rounds, 40 px)", [])
-RUNS = {"hinge": [DEFAULT, ("1 motion, 6 rounds, 64 px", ["--motions", "1", "--rounds", "6", "--resize", "64"]),
+DEFAULT = ("default (4 motions, 4 rounds x 3 epochs, 40 px)", [])
+RUNS = {"hinge": [DEFAULT, ("1 motion, 6 rounds x 1 epoch, 64 px",
+                            ["--motions", "1", "--rounds", "6", "--refit-epochs", "1", "--resize", "64"]),
                   ("4 motions + 2 rigid parts", ["--parts", "2"])],
         "two_hinges": [DEFAULT, ("4 motions + 3 rigid parts", ["--parts", "3"])],
         "composition": [("amplitudes, 1 motion", [])]}
 
 
+def _code_digest() -> str:
+    """md5 of the heterogeneity code and its program."""
+    files = sorted((REPO / "scipion_gsplat" / "core" / "heterogeneity").glob("*.py"))
+    files.append(REPO / "programs" / "gmm_heterogeneity.py")
+    return hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
 def run(cmd, log, cwd=None, env=None, reuse: bool = False) -> tuple[float, float]:
     """Run a command under GNU time; return (wall s, peak RSS MB). With
-    ``reuse`` and a finished earlier run of the same command (its log and time
-    files), read its figures instead of running it again."""
+    ``reuse`` and a finished earlier run of the same command with the same
+    heterogeneity code (its log and time files), read its figures instead of
+    running it again (a changed default would not show in the command)."""
     tfile = Path(str(log) + ".time")
     cmd = [str(c) for c in cmd]
     done = Path(str(log) + ".cmd")
-    if not (reuse and tfile.exists() and done.exists() and done.read_text() == " ".join(cmd)):
+    key = " ".join(cmd) + f"\ncode {_code_digest()}"
+    if not (reuse and tfile.exists() and done.exists() and done.read_text() == key):
         done.unlink(missing_ok=True)
         with open(log, "w") as fh:
             subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile)] + cmd, cwd=cwd, env=env,
                            check=True, stdout=fh, stderr=subprocess.STDOUT)
-        done.write_text(" ".join(cmd))
+        done.write_text(key)
     text = tfile.read_text()
     h, m, sec = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (?:(\d+):)?(\d+):([\d.]+)",
                           text).groups()

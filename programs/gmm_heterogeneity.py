@@ -61,9 +61,11 @@ def add_args(parser) -> None:
                    help="also per-particle amplitude changes (compositional heterogeneity)")
     m.add_argument("--rounds", type=int, default=4,
                    help="alternations of (refit model and motions, re-estimate coordinates)")
-    m.add_argument("--refit-epochs", type=int, default=1, help="epochs of each refit")
+    m.add_argument("--refit-epochs", type=int, default=None,
+                   help="epochs of each refit (default 3, or 1 with --amplitudes, where more lost accuracy)")
     m.add_argument("--final-epochs", type=int, default=2,
-                   help="epochs of a last refit on the full-size images when --resize cropped them (sharper maps)")
+                   help="epochs of a last refit on the full-size images when the work ran on cropped ones "
+                        "(sharper maps), then the coordinates once more on them (0: neither)")
     m.add_argument("--gn-steps", type=int, default=2, help="Gauss-Newton steps per coordinate estimate")
     m.add_argument("--prior-components", type=int, default=8,
                    help="Gaussians of the coordinates' population prior, fitted by deconvolution each round; "
@@ -97,7 +99,7 @@ def config_from_args(args) -> HeterogeneityConfig:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("rounds", "refit_epochs", "final_epochs", "consensus_epochs", "classes", "resize", "parts",
                  "prior_components"):
-        if getattr(args, name) < 0:
+        if getattr(args, name) is not None and getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must not be negative")
     if args.segmentation and not os.path.exists(args.segmentation):
         raise InputError(f"segmentation not found: {args.segmentation}")

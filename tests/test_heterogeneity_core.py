@@ -196,3 +196,12 @@ def test_deconvolved_prior_gives_better_coordinates_than_one_gaussian():
     assert rmse(post) < 0.9 * rmse(z_map)
     # the prior lies on the path: its density-weighted second coordinate follows t²
     assert abs(float(prior.weights @ prior.means[:, 1]) - 0.8 / 3) < 0.05
+
+
+def test_refit_epochs_default_depends_on_the_kind_of_motion():
+    from scipion_gsplat.core.heterogeneity.pipeline import (REFIT_EPOCHS, REFIT_EPOCHS_AMPLITUDES,
+                                                            HeterogeneityConfig, epochs_per_refit)
+    assert epochs_per_refit(HeterogeneityConfig()) == REFIT_EPOCHS == 3
+    assert epochs_per_refit(HeterogeneityConfig(amplitudes=True)) == REFIT_EPOCHS_AMPLITUDES == 1
+    assert epochs_per_refit(HeterogeneityConfig(amplitudes=True, refit_epochs=2)) == 2
+    assert epochs_per_refit(HeterogeneityConfig(refit_epochs=0)) == 0
