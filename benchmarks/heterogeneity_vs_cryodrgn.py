@@ -7,7 +7,8 @@ poses, origins, CTF, white noise):
   from 0 to 40°, 4000 particles, SNR 0.05;
 * ``two_hinges``: the same plus the N-terminal segment A/1-20 rotated
   independently (5 × 5 angles), 4000 particles, SNR 0.05;
-* ``composition``: residues A/100-129 absent from half of 4000 particles, SNR 0.05.
+* ``composition``: residues A/100-129 absent from half of 4000 particles, SNR 0.05;
+* ``hinge_snr0.1``: ``hinge`` at SNR 0.1 (how the gap to the oracle changes with the information).
 
 Per run: |Spearman ρ| between each coordinate and the true motion parameter
 (the best component is reported; two hinges: the best component per hinge and
@@ -16,7 +17,7 @@ the R² of a linear fit of each angle on all coordinates), per-state maps
 true state maps (FSC AUC, averaged over states, next to the consensus map's),
 wall time and peak memory (GNU time) of the whole program. On ``hinge`` the
 same particles go to ``cryodrgn train_vae --zdim 1`` (its own venv, see
-benchmarks/cryodrgn_reference.py) and to an oracle: template matching against
+benchmarks/cryodrgn_reference.py); on both hinge sets to an oracle: template matching against
 the 20 true state maps with the true poses and CTF (the best any method can do
 at this SNR). cryoDRGN's default 1024-wide networks take ~40 min per epoch of
 4000 particles on one core, so the benchmark trains 256-wide ones (``--drgn-args``)
@@ -54,13 +55,16 @@ DATASETS = {
     "two_hinges": (["--hinge", "A/40-88", "--hinge-angle", 40, "--hinge2", "A/1-20", "--hinge2-angle", 40,
                     "--n-states", 5, "--seed", 7], []),
     "composition": (["--remove", "A/100-129", "--seed", 9], ["--amplitudes", "--motions", "1"]),
+    # the same motion at twice the SNR: how the gap to the oracle changes with the information
+    "hinge_snr0.1": (["--hinge", "A/40-88", "--hinge-angle", 40, "--n-states", 20, "--seed", 5, "--snr", 0.1], []),
 }
 DEFAULT = ("default (4 motions, 4 rounds x 3 epochs, 40 px)", [])
 RUNS = {"hinge": [DEFAULT, ("1 motion, 6 rounds x 1 epoch, 64 px",
                             ["--motions", "1", "--rounds", "6", "--refit-epochs", "1", "--resize", "64"]),
                   ("4 motions + 2 rigid parts", ["--parts", "2"])],
         "two_hinges": [DEFAULT, ("4 motions + 3 rigid parts", ["--parts", "3"])],
-        "composition": [("amplitudes, 1 motion", [])]}
+        "composition": [("amplitudes, 1 motion", [])],
+        "hinge_snr0.1": [DEFAULT]}
 
 
 def _code_digest() -> str:
@@ -202,7 +206,7 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int, reuse: bool 
             pred = gm.predict(z[:, :1]) + 1
             row["accuracy"] = float(max((pred == labels).mean(), (pred != labels).mean()))
         rows.append(row)
-    if name == "hinge":
+    if name.startswith("hinge"):
         cache = sim / "oracle.json"
         if reuse and cache.exists():
             oracle = json.loads(cache.read_text())
@@ -211,7 +215,7 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int, reuse: bool 
             oracle = {"rho": oracle_rho(sim, 20, params), "time_s": time.perf_counter() - t0}
             cache.write_text(json.dumps(oracle))
         rows.append({"method": "oracle: template matching with the 20 true maps", **oracle})
-        if drgn_epochs > 0:
+        if drgn_epochs > 0 and name == "hinge":
             drgn = cryodrgn_row(sim, params, drgn_epochs, threads, list(drgn_args))
             if drgn:
                 rows.append(drgn)
@@ -219,7 +223,9 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int, reuse: bool 
 
 
 def print_table(name: str, rows: list) -> None:
-    print(f"\n{name}: lysozyme, 64 px at 1.5 Å, 4000 particles, SNR 0.05, {os.cpu_count()} cores")
+    args = COMMON + DATASETS[name][0]
+    snr = [args[i + 1] for i, a in enumerate(args) if a == "--snr"][-1]  # the last one given wins
+    print(f"\n{name}: lysozyme, 64 px at 1.5 Å, 4000 particles, SNR {snr}, {os.cpu_count()} cores")
     head = f"{'method':<58} {'|ρ|':>6} {'state-map AUC':>14} {'consensus AUC':>14} {'time s':>8} {'peak MB':>8}"
     print(head)
     print("-" * len(head))

@@ -71,6 +71,9 @@ def add_args(parser) -> None:
                    help="Gaussians of the coordinates' population prior, fitted by deconvolution each round; "
                         "coordinates are posterior means under it (0: one Gaussian prior, MAP coordinates; "
                         "not used with --amplitudes)")
+    m.add_argument("--refit-means", action="store_true",
+                   help="refit model and motions on the coordinates' posterior means instead of on draws from "
+                        "each particle's posterior (Monte Carlo EM, the default where there are posteriors)")
     m.add_argument("--batch", type=int, default=32, help="particles per optimiser step")
     m.add_argument("--resize", type=int, default=0,
                    help="working box (px) the particles are Fourier-cropped to (0: a pixel of about 2.4 Å; "
@@ -113,7 +116,8 @@ def config_from_args(args) -> HeterogeneityConfig:
         refit_epochs=args.refit_epochs, final_epochs=args.final_epochs, gn_steps=args.gn_steps, batch=args.batch,
         pca_particles=args.pca_particles, resize=args.resize, parts=args.parts,
         segmentation=args.segmentation, part_sigma_rot_deg=args.part_sigma_rot,
-        part_sigma_shift_A=args.part_sigma_shift, prior_components=args.prior_components)
+        part_sigma_shift_A=args.part_sigma_shift, prior_components=args.prior_components,
+        refit_draws=not args.refit_means)
 
 
 def part_sizes(mm) -> list:

@@ -67,6 +67,9 @@ def test_rerun_resumes_from_the_saved_state(het_run, capsys):
     assert gmm_heterogeneity.run(args) == 0
     assert "resumed" in capsys.readouterr().out
     np.testing.assert_allclose(np.load(out / "heterogeneity.npz")["coordinates"], before, atol=1e-5)
+    # the state keeps each particle's posterior covariance for the next refit's draws
+    cov = np.load(out / "state.npz")["posterior_cov"]
+    assert cov.shape == (len(before), 2, 2) and (np.linalg.eigvalsh(cov) > 0).all()
 
 
 def test_amplitudes_separate_a_compositional_pair(tmp_path, lysozyme_pdb):

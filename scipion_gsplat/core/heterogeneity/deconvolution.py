@@ -105,17 +105,23 @@ def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components
     return prior
 
 
-def posterior_means(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior) -> np.ndarray:
-    """``(M, D)`` posterior means of the coordinates under ``prior``."""
+def posterior_moments(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means ``(M, D)`` and covariances ``(M, D, D)`` of the
+    coordinates under ``prior`` (moments of each particle's posterior mixture)."""
     eta = np.asarray(eta, float)
     prec = np.asarray(prec, float)
-    logev, pm, _ = _component_posteriors(eta, prec, prior)
-    return np.einsum("mc,mcd->md", softmax(logev, axis=1), pm)
+    logev, pm, pc = _component_posteriors(eta, prec, prior)
+    r = softmax(logev, axis=1)
+    mean = np.einsum("mc,mcd->md", r, pm)
+    dev = pm - mean[:, None]
+    cov = np.einsum("mc,mcde->mde", r, pc) + np.einsum("mc,mcd,mce->mde", r, dev, dev)
+    return mean, cov
 
 
 def deconvolved_coordinates(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components: int = 8,
                             seed: int = 0, prior: Optional[CoordinatePrior] = None
-                            ) -> tuple[np.ndarray, CoordinatePrior]:
-    """Fit the population prior (unless given) and return ``(posterior means (M, D), prior)``."""
+                            ) -> tuple[np.ndarray, np.ndarray, CoordinatePrior]:
+    """Fit the population prior (unless given) and return ``(posterior means
+    (M, D), posterior covariances (M, D, D), prior)``."""
     prior = prior or fit_prior(eta, prec, start, n_components, seed=seed)
-    return posterior_means(eta, prec, prior), prior
+    return (*posterior_moments(eta, prec, prior), prior)

@@ -26,9 +26,16 @@ LEARNING_RATES = {"centres": 0.05, "log_amplitudes": 0.02, "width": 0.02, "chole
 
 def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1, batch: int = 32,
           seed: int = 0, scale: Optional[float] = None, lr_scale: float = 1.0,
-          max_elements: int = DEFAULT_MAX_ELEMENTS,
+          max_elements: int = DEFAULT_MAX_ELEMENTS, z_chol: Optional[torch.Tensor] = None,
           progress: Optional[Callable[[int, int], None]] = None) -> list:
     """Adam on model and motions, coordinates ``z (M, K)`` fixed; in place.
+
+    With ``z_chol (M, K, K)``, the lower Cholesky factors ``L`` of each
+    particle's posterior covariance, every step renders a particle at a fresh
+    draw ``z + L·ε`` (``ε`` standard normal, seeded) instead of at ``z``: a
+    Monte Carlo EM step, whose expected loss also penalises the motions for
+    how uncertain each particle's coordinates are, where plain posterior means
+    would treat them as exact.
 
     Returns:
         the mean loss of each epoch.
@@ -44,6 +51,7 @@ def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1,
         sig = float(mm.base.tensors()["sigmas_A"].max())
     micro = max(1, min(micro_batch_size(len(mm), data.box, sig, data.pixel_size_A, max_elements=max_elements),
                        batch))
+    gen = torch.Generator(device=z.device).manual_seed(seed)
     steps_total, step, losses = epochs * math.ceil(len(data) / batch), 0, []
     for epoch in range(epochs):
         order = np.random.default_rng([seed, 31, epoch]).permutation(len(data))
@@ -58,7 +66,11 @@ def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1,
             batch_loss = 0.0
             for m0 in range(0, len(idx), micro):
                 part = idx[m0:m0 + micro]
-                loss = data_loss(mm.deformed(z[part], phys), data, part, scale * len(idx))
+                zp = z[part]
+                if z_chol is not None:  # a draw from each particle's posterior (Monte Carlo EM)
+                    eps = torch.randn(zp.shape, generator=gen, device=zp.device)
+                    zp = zp + (z_chol[part] @ eps.unsqueeze(-1)).squeeze(-1)
+                loss = data_loss(mm.deformed(zp, phys), data, part, scale * len(idx))
                 loss.backward(retain_graph=m0 + micro < len(idx))
                 batch_loss += float(loss.detach())
             if not math.isfinite(batch_loss):
