@@ -207,8 +207,8 @@ def coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor],
     z, noise, (eta, prec) = estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var,
                                                  progress=progress, likelihood=True)
     post, cov, _ = deconvolved_coordinates(eta, prec, z.cpu().numpy(), cfg.prior_components, seed)
-    as_t = lambda a: torch.as_tensor(a, dtype=z.dtype, device=z.device)
-    return as_t(post), noise, as_t(cov)
+    post, cov = (torch.as_tensor(a, dtype=z.dtype, device=z.device) for a in (post, cov))
+    return post, noise, cov
 
 
 def normalised(mm: MotionModel, z: torch.Tensor, cov: Optional[torch.Tensor]
@@ -326,8 +326,8 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
     if full.box != data.box and cfg.final_epochs > 0 and stage <= cfg.rounds:
         # the coordinates are settled; sharpen the model (and its maps) on the full-size images
         mm.base = base_parameters(mm.to_model(), full.pixel_size_A, device)
-        losses = refit(mm, full, z, cfg.final_epochs, cfg.batch, seed=seed + 997, z_chol=posterior_factors(cov, cfg),
-                       progress=prog("full-resolution refit"))
+        losses = refit(mm, full, z, cfg.final_epochs, cfg.batch, seed=seed + 997,
+                       z_chol=posterior_factors(cov, cfg), progress=prog("full-resolution refit"))
         z, cov = normalised(mm, z, cov)
         # and the coordinates once more, from the full-size images and the sharper model
         # (hinge benchmark: |ρ| 0.961 → 0.965 for ~20 s)
