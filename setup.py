@@ -3,7 +3,7 @@ GMM heterogeneity for Scipion 3."""
 from setuptools import find_packages, setup
 
 PROGRAMS = ["simulate", "reconstruct_fourier", "aligned_2d_classification", "graph_max_cut", "refine_classes",
-            "project", "reconstruct_splat", "gmm_heterogeneity"]
+            "project", "reconstruct_splat", "gmm_heterogeneity", "cs2star", "star2cs"]
 
 setup(
     name="scipion-em-gsplat",
@@ -35,6 +35,7 @@ setup(
         "gemmi>=0.6",
         "torch-fourier-slice>=0.6",
         "torch-ctf>=0.6",  # imported by torch-fourier-slice 0.6 without being declared
+        "cryosparc-tools==5.0.3",  # .cs particle files (gsplat_cs2star / gsplat_star2cs)
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

@@ -7,15 +7,95 @@ value) ends the program with one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from scipion_gsplat.core import safety
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import working_box  # noqa: F401  (re-exported for the programs)
 
 EXIT_BAD_INPUT = 2
+# OS errors a user can fix (rights, space, a file where a folder should be): one line, exit 2.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                  errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG}
+# Particle STAR files the output guard read, handed to the program's own read (read once).
+_GUARD_STARS: dict = {}
+
+
+def _star_key(path, args) -> tuple:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns, repr(particle_options(args))
+
+
+def add_particle_args(parser: argparse.ArgumentParser, angpix: bool = True) -> None:
+    """The particle-input options of every program that reads a particle STAR file."""
+    g = parser.add_argument_group("particle input (RELION STAR files)")
+    if angpix:
+        g.add_argument("--angpix", type=float, default=None,
+                       help="pixel size (Å) of the particle images, for RELION 3.0 files without one "
+                            "(replaces the file's value when given)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder that relative image paths (rlnImageName) are relative to: the RELION "
+                        "project folder, e.g. for Extract/job012/Movies/mic001.mrcs (default: the STAR "
+                        "file's folder, then the current folder); the names are written out unchanged")
+    g.add_argument("--voltage", type=float, default=None,
+                   help="acceleration voltage (kV, e.g. 300) for files that have defoci but no rlnVoltage")
+    g.add_argument("--cs", type=float, default=None,
+                   help="spherical aberration (mm, e.g. 2.7) for files without rlnSphericalAberration")
+    g.add_argument("--amplitude-contrast", type=float, default=None,
+                   help="amplitude contrast (fraction, typically 0.1; 0.07 for some setups) for files "
+                        "without rlnAmplitudeContrast (RELION 3.0)")
+
+
+def particle_options(args) -> dict:
+    """Keyword arguments of :func:`~scipion_gsplat.core.io.read_particles` from the
+    options of :func:`add_particle_args` (absent options count as not given)."""
+    return {"pixel_size_A": getattr(args, "angpix", None), "data_dir": getattr(args, "data_dir", None),
+            "fill": {"rlnVoltage": getattr(args, "voltage", None),
+                     "rlnSphericalAberration": getattr(args, "cs", None),
+                     "rlnAmplitudeContrast": getattr(args, "amplitude_contrast", None)}}
+
+
+def read_star(path, args):
+    """Read a particle STAR file (:func:`~scipion_gsplat.core.io.read_particles`)
+    with the options of :func:`add_particle_args`; the copy the output guard read
+    just before is reused instead of reading twice."""
+    from scipion_gsplat.core import io
+    try:
+        star = _GUARD_STARS.pop(_star_key(path, args), None)
+    except OSError:
+        star = None
+    return star if star is not None else io.read_particles(path, **particle_options(args))
+
+
+def guard_files(args, files: Callable) -> list:
+    """Before any work: refuse outputs that would replace an input (the STAR
+    files, the image stacks they name, maps, masks, models), create the output
+    folders and check they can be written.
+
+    Args:
+        files: ``args → safety.ProgramFiles`` of the program.
+
+    Returns:
+        the folders created (removed again when the run fails and leaves them empty).
+    """
+    from scipion_gsplat.core import io
+    spec = files(args)
+    inputs = [(p, f"the input {p}") for p in spec.inputs if p]
+    for path in spec.particles:
+        inputs.append((path, f"the input {path}"))
+        star = io.read_particles(path, **particle_options(args))
+        _GUARD_STARS[_star_key(path, args)] = star
+        try:
+            stacks = io.ImageReader(star).stack_files()
+        except InputError:  # a stack is missing: nothing there to protect; read, it is reported
+            stacks = []
+        inputs += [(s, f"the image stack {s} named in {path}") for s in stacks]
+    safety.check_no_overwrite(inputs, spec.outputs)
+    return safety.prepare_outputs(spec.outputs)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -80,31 +160,51 @@ def make_parser(prog: str, description: str, add_args: Callable) -> argparse.Arg
     return parser
 
 
+def _one_line_error(prog: str, args, msg: str) -> int:
+    if getattr(args, "verbose", False):
+        import traceback
+        traceback.print_exc()
+    print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
 def run_program(prog: str, description: str, add_args: Callable, main: Callable,
-                argv: Optional[Sequence[str]] = None) -> int:
-    """Parse ``argv``, run ``main(args)``, turn bad input into a one-line error.
+                argv: Optional[Sequence[str]] = None, files: Optional[Callable] = None) -> int:
+    """Parse ``argv``, check the outputs (:func:`guard_files` with ``files``),
+    run ``main(args)``, turn bad input into a one-line error.
 
     Returns:
         the exit code (0 on success, 2 on bad input).
     """
     parser = make_parser(prog, description, add_args)
     args = parser.parse_args(argv)
+    created, ok = [], False
     try:
+        if files is not None:
+            created = guard_files(args, files)
         main(args)
+        ok = True
     except (InputError, FileNotFoundError) as exc:
-        if getattr(args, "verbose", False):
-            import traceback
-            traceback.print_exc()
-        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return _one_line_error(prog, args, str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRORS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        return _one_line_error(prog, args, f"{exc.strerror or exc}{where}")
+    finally:
+        _GUARD_STARS.clear()
+        if not ok:
+            safety.remove_empty_folders(created)
     return 0
 
 
-def console_entry(prog: str, description: str, add_args: Callable, main: Callable) -> Callable:
-    """A ``run(argv=None)`` function suitable for a console-script entry point."""
+def console_entry(prog: str, description: str, add_args: Callable, main: Callable,
+                  files: Optional[Callable] = None) -> Callable:
+    """A ``run(argv=None)`` function suitable for a console-script entry point;
+    ``files`` (``args → safety.ProgramFiles``) names what the program reads and
+    writes, for :func:`guard_files`."""
     def run(argv: Optional[Sequence[str]] = None) -> int:
-        code = run_program(prog, description, add_args, main, argv)
+        code = run_program(prog, description, add_args, main, argv, files)
         if argv is None:  # called as a script: exit with the code
             sys.exit(code)
         return code
@@ -112,21 +212,34 @@ def console_entry(prog: str, description: str, add_args: Callable, main: Callabl
     return run
 
 
-def read_posed_particles(path: str, angpix=None, need_ctf: bool = False):
-    """Read a particle STAR file that must carry poses (and CTF if ``need_ctf``),
-    and check its image stacks.
+def read_posed_particles(args, need_ctf: bool = False, path: Optional[str] = None, images: bool = True):
+    """Read the particle STAR file ``path`` (default ``args.input``) with the
+    options of :func:`add_particle_args`; it must carry poses (and CTF if
+    ``need_ctf``). With ``images``: refuse CTF-premultiplied images, check the
+    stacks in O(rows) and say how optics groups of different pixel or box sizes
+    are brought to one grid.
 
     Returns:
-        ``(ParticleStar, ImageReader)``.
+        ``(ParticleStar, ImageReader or None)``.
     """
     from scipion_gsplat.core import io
-    star = io.read_particles(path, pixel_size_A=angpix)
+    path = args.input if path is None else path
+    star = read_star(path, args)
     if not star.has_poses:
         raise InputError(f"{path}: particles have no poses (rlnAngleRot/Tilt/Psi)")
     if need_ctf and not star.has_ctf:
-        raise InputError(f"{path}: particles have no CTF parameters")
+        raise InputError(f"{path}: particles have no CTF parameters (rlnDefocusU)")
+    if not images:
+        return star, None
+    p = star.particles
+    if "rlnCtfDataAreCtfPremultiplied" in p and (p["rlnCtfDataAreCtfPremultiplied"].to_numpy(float) != 0).any():
+        raise InputError(f"{path}: the images are CTF-premultiplied (rlnCtfDataAreCtfPremultiplied 1); "
+                         f"re-extract the particles without premultiplication")
     reader = io.ImageReader(star)
     reader.check()
+    note = star.grid_note()
+    if note:
+        print(f"  {note}", flush=True)
     return star, reader
 
 

@@ -14,6 +14,7 @@ direction) pair), ``eigen_images.mrcs``, ``mean_images.mrcs`` and
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -22,10 +23,11 @@ from scipion_gsplat.core import io
 from scipion_gsplat.core.fourier import project
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import fourier_crop
+from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.split_volume import align, classify2d, directions, files
 from scipion_gsplat.core.symmetry import normalize_symmetry_name
 
-from ._cli import Progress, console_entry, read_posed_particles, setup_runtime, working_box
+from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime, working_box
 
 DESCRIPTION = "Per-direction masked PCA + GMM of particles with known poses (split-volume step 1)."
 
@@ -48,7 +50,7 @@ def add_args(parser) -> None:
     parser.add_argument("--wiener-eps", type=float, default=0.1, help="ε of the CTF correction CTF/(CTF²+ε)")
     parser.add_argument("--min-particles", type=int, default=10,
                         help="directions with fewer particles get no weight")
-    parser.add_argument("--angpix", type=float, default=None, help="pixel size for RELION 3.0 files without one")
+    add_particle_args(parser)
 
 
 def projected_masks(mask_path: str, star_box: int, pixel_size_A: float, dirs: np.ndarray,
@@ -67,11 +69,18 @@ def projected_masks(mask_path: str, star_box: int, pixel_size_A: float, dirs: np
     return small >= 0.5 * peak[:, None, None]
 
 
+def program_files(args) -> ProgramFiles:
+    """The particles and mask read; the classification files written into the output folder."""
+    names = (files.DIRECTIONS, files.PAIRS, "eigen_images.mrcs", "mean_images.mrcs", "side_averages.mrcs")
+    return ProgramFiles(particles=[args.input], inputs=[args.mask],
+                        outputs=[os.path.join(args.output, n) for n in names])
+
+
 def main(args) -> None:
     device = setup_runtime(args)
     t0 = time.time()
     symmetry = normalize_symmetry_name(args.sym)
-    star, reader = read_posed_particles(args.input, args.angpix)
+    star, reader = read_posed_particles(args)
     box, pix = star.box_size, star.pixel_size
     new_box = working_box(args.resize, box, pix)
     groups = directions.group_particles(star.poses(), args.angular_sampling, args.cone, symmetry,
@@ -94,7 +103,7 @@ def main(args) -> None:
           f"particles), {time.time() - t0:.1f} s", flush=True)
 
 
-run = console_entry("gsplat_aligned_2d_classification", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_aligned_2d_classification", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

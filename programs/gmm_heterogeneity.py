@@ -21,8 +21,11 @@ turn (seed 004). Writes into the output folder:
 * ``class<c>.mrc``: the model at each subset's mean coordinate (``--classes``);
 * ``report.png`` (coordinate histograms/hexbin, explained variance) and ``summary.json``.
 
-``state.npz`` is written after every stage; the same command run again
-continues from it (``--restart`` ignores it).
+``state.npz`` is written after every stage (and ``consensus_fit.pt`` after every
+epoch of the consensus fit); the same command run again continues from them and
+gives the uninterrupted run's result, bit for bit. A state computed from other
+particles (STAR rows, stacks), settings, seed, consensus or segmentation is not
+used: the run starts afresh and says so (``--restart`` ignores the state anyway).
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ from scipion_gsplat.core.heterogeneity import analysis
 from scipion_gsplat.core.heterogeneity.pipeline import HeterogeneityConfig, run_heterogeneity
 from scipion_gsplat.core.heterogeneity.plots import save_report
 from scipion_gsplat.core.io import InputError, atomic_path
+from scipion_gsplat.core.safety import ProgramFiles
 
-from ._cli import Progress, console_entry, read_posed_particles, setup_runtime
+from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime
 
 DESCRIPTION = ("Continuous heterogeneity: eigen-motions of a Gaussian model from per-particle gradients, "
                "and each particle's coordinates along them.")
@@ -47,7 +51,7 @@ COORDINATE_LABEL = "rlnGsplatCoordinate{}"
 def add_args(parser) -> None:
     parser.add_argument("-i", "--input", required=True, help="particles STAR file with poses and CTF")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("--angpix", type=float, default=None, help="pixel size (Å) for RELION 3.0 files without one")
+    add_particle_args(parser)
     g = parser.add_argument_group("consensus model")
     g.add_argument("--consensus", default=None,
                    help="Gaussian model (.npz from gsplat_reconstruct_splat) or map (.mrc) to sample one "
@@ -93,7 +97,8 @@ def add_args(parser) -> None:
     o.add_argument("--subset-method", choices=analysis.SUBSET_METHODS, default="kmeans",
                    help="kmeans on all coordinates, or bins along --subset-motion")
     o.add_argument("--subset-motion", type=int, default=1, help="motion binned by --subset-method bins")
-    o.add_argument("--restart", action="store_true", help="ignore the state of an earlier run")
+    o.add_argument("--restart", action="store_true", help="ignore the state of an earlier run in the output folder "
+                   "(one from other particles or settings is never used)")
 
 
 def config_from_args(args) -> HeterogeneityConfig:
@@ -120,6 +125,15 @@ def config_from_args(args) -> HeterogeneityConfig:
         refit_draws=not args.refit_means)
 
 
+def check_segmentation(path, box: int) -> None:
+    """Refuse a segmentation map whose box differs from the particles' (``box`` px)."""
+    if path:
+        seg, _ = io.read_map(path)
+        if seg.shape != (box,) * 3:
+            raise InputError(f"segmentation {path} is {'x'.join(map(str, seg.shape[::-1]))} voxels, "
+                             f"the particles are {box} px: give a segmentation of the particles' box")
+
+
 def part_sizes(mm) -> list:
     """Gaussians in each moving part ([] without parts)."""
     if mm.parts is None:
@@ -128,11 +142,21 @@ def part_sizes(mm) -> list:
     return [int(n) for n in np.bincount(labels[labels >= 0])]
 
 
+def program_files(args) -> ProgramFiles:
+    """The particles, consensus and segmentation read; everything written into the output folder."""
+    names = ("particles.star", "heterogeneity.npz", "consensus.npz", "consensus.pdb", "consensus.cif",
+             "consensus.mrc", "motion*_frame*.mrc", "motion*.pdb", "motion*.cif", "class*.mrc", "report.png",
+             "summary.json", "state*.npz", "*.pt")  # state and checkpoints
+    return ProgramFiles(particles=[args.input], inputs=[args.consensus, args.segmentation],
+                        outputs=[os.path.join(args.output, n) for n in names])
+
+
 def main(args) -> None:
     device = setup_runtime(args)
     cfg = config_from_args(args)
-    star, _ = read_posed_particles(args.input, args.angpix, need_ctf=True)
+    star, _ = read_posed_particles(args, need_ctf=True)
     box, pix = star.box_size, star.pixel_size
+    check_segmentation(args.segmentation, box)
     os.makedirs(args.output, exist_ok=True)
     state = os.path.join(args.output, "state.npz")
     if args.restart and os.path.exists(state):
@@ -185,7 +209,7 @@ def main(args) -> None:
     print(f"gsplat_gmm_heterogeneity: wrote {out('particles.star')}", flush=True)
 
 
-run = console_entry("gsplat_gmm_heterogeneity", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_gmm_heterogeneity", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

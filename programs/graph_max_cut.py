@@ -25,8 +25,9 @@ import scipy.sparse as sp
 from scipion_gsplat.core import io
 from scipion_gsplat.core.io import InputError, atomic_path
 from scipion_gsplat.core.split_volume import files, maxcut, partition
+from scipion_gsplat.core.safety import ProgramFiles
 
-from ._cli import console_entry, setup_runtime
+from ._cli import add_particle_args, console_entry, read_star, setup_runtime
 
 DESCRIPTION = "Direction-graph sign synchronisation (max-cut) and per-particle classes (split-volume step 2)."
 
@@ -40,13 +41,22 @@ def add_args(parser) -> None:
     parser.add_argument("--weights", choices=("coordinate", "llr"), default="coordinate",
                         help="edge weights and particle scores from standardised PCA coordinates with "
                              "direction reliabilities (default) or from GMM log-likelihood ratios (thesis)")
+    add_particle_args(parser)
+
+
+def program_files(args) -> ProgramFiles:
+    """The particles and the classification tables read; graph, signs and particles written."""
+    return ProgramFiles(particles=[args.particles],
+                        inputs=[os.path.join(args.input, n) for n in (files.DIRECTIONS, files.PAIRS)],
+                        outputs=[os.path.join(args.output, n)
+                                 for n in ("graph.npz", "directions_signs.star", "particles.star")])
 
 
 def main(args) -> None:
     setup_runtime(args)
     t0 = time.time()
     dirs, pairs = files.read_classification(args.input)
-    star = io.read_particles(args.particles)
+    star = read_star(args.particles, args)
     n, d = len(star), len(dirs)
     pp = pairs["rlnGsplatParticle"].to_numpy(int)
     pd_ = pairs["rlnGsplatDirection"].to_numpy(int)
@@ -89,7 +99,7 @@ def main(args) -> None:
           f"classes {c1} / {c2}; {time.time() - t0:.1f} s", flush=True)
 
 
-run = console_entry("gsplat_graph_max_cut", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_graph_max_cut", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

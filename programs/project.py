@@ -24,10 +24,11 @@ from scipion_gsplat.core import io
 from scipion_gsplat.core.ctf import select_params
 from scipion_gsplat.core.fourier import project as project_map
 from scipion_gsplat.core.io import InputError, ParticleStar
+from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.splat.model import GaussianModel
 from scipion_gsplat.core.splat.render import DEFAULT_MAX_ELEMENTS, project_model
 
-from ._cli import Progress, console_entry, setup_runtime
+from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime
 
 DESCRIPTION = "Project a Gaussian model (.npz) or a map (.mrc) at the poses, origins and CTFs of a STAR file."
 
@@ -39,7 +40,7 @@ def add_args(parser) -> None:
     parser.add_argument("--out-star", default=None, help="output STAR file (default: stack name with .star)")
     parser.add_argument("--box", type=int, default=None,
                         help="image size (px) for a model when the STAR gives none (default: from the STAR)")
-    parser.add_argument("--angpix", type=float, default=None, help="pixel size (Å) for RELION 3.0 files without one")
+    add_particle_args(parser)
     parser.add_argument("--no-ctf", action="store_true", help="do not apply the CTF")
     parser.add_argument("--no-shifts", action="store_true", help="ignore the particles' origins")
     parser.add_argument("--snr", type=float, default=None, help="add white noise at this SNR (default: none)")
@@ -51,12 +52,22 @@ def add_args(parser) -> None:
 def _box_and_pixel(star: ParticleStar, args, source_box) -> tuple[int, float]:
     pix = star.pixel_size
     declared = star.particles["rlnImageSize"].to_numpy(int)
-    box = args.box or (int(declared[0]) if (declared > 0).all() else None) or source_box
+    box = args.box or (star.box_size if (declared > 0).all() else None) or source_box
     if box is None:
         raise InputError(f"{args.star}: no rlnImageSize; give --box")
     if source_box is not None and box != source_box:
         raise InputError(f"the map is {source_box} voxels but the images are {box} pixels")
     return int(box), pix
+
+
+def output_star(args) -> str:
+    """The STAR file written beside the stack."""
+    return args.out_star or os.path.splitext(args.output)[0] + ".star"
+
+
+def program_files(args) -> ProgramFiles:
+    """The model/map and particles read; the stack and its STAR file written."""
+    return ProgramFiles(particles=[args.star], inputs=[args.input], outputs=[args.output, output_star(args)])
 
 
 def main(args) -> None:
@@ -65,9 +76,7 @@ def main(args) -> None:
         raise InputError("--snr must be positive")
     if args.chunk < 1:
         raise InputError("--chunk must be at least 1")
-    star = io.read_particles(args.star, pixel_size_A=args.angpix)
-    if not star.has_poses:
-        raise InputError(f"{args.star}: particles have no poses (rlnAngleRot/Tilt/Psi)")
+    star, _ = read_posed_particles(args, path=args.star, images=False)
     if not args.no_ctf and not star.has_ctf:
         raise InputError(f"{args.star}: particles have no CTF parameters (use --no-ctf)")
     suffix = Path(args.input).suffix.lower()
@@ -102,7 +111,7 @@ def main(args) -> None:
         probe = np.sort(rng.choice(n, size=min(n, 256), replace=False))
         signal_var = float(np.mean(np.var(render(probe), axis=(1, 2))))
         sigma = float(np.sqrt(signal_var / args.snr))
-    out_star = args.out_star or os.path.splitext(args.output)[0] + ".star"
+    out_star = output_star(args)
     kind = f"{len(model)} Gaussians" if model is not None else f"map {box}³"
     print(f"gsplat_project: {n} images of {kind}, box {box} px at {pix} Å, device {device}"
           + (f", noise σ {sigma:.4g} (SNR {args.snr})" if sigma else ""), flush=True)
@@ -121,16 +130,17 @@ def main(args) -> None:
     stack_rel = os.path.relpath(os.path.abspath(args.output), os.path.dirname(os.path.abspath(out_star)))
     parts = star.particles.copy()
     parts["rlnImageName"] = [f"{i + 1:06d}@{stack_rel}" for i in range(n)]
-    parts["rlnImageSize"] = box
-    optics = star.optics.assign(rlnImageSize=box)
-    io.write_particles(out_star, ParticleStar(parts, optics, Path(out_star).absolute(), star.extra_tables))
+    parts["rlnImageSize"], parts["rlnImagePixelSize"] = box, pix  # the new images' grid
+    if "rlnCtfDataAreCtfPremultiplied" in parts:
+        parts["rlnCtfDataAreCtfPremultiplied"] = 0
+    io.write_particles(out_star, star, parts)  # the input's rows and columns, new image names
     total = time.time() - t0
     print(f"gsplat_project: {n / max(t_render, 1e-9):.1f} images/s projecting, "
           f"{n / max(total, 1e-9):.1f} images/s with writing ({total:.1f} s)", flush=True)
     print(f"gsplat_project: wrote {args.output} and {out_star}", flush=True)
 
 
-run = console_entry("gsplat_project", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_project", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

@@ -18,9 +18,10 @@ import pandas as pd
 from scipion_gsplat.core import io
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.reconstruct import reconstruct_particles
+from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.symmetry import normalize_symmetry_name
 
-from ._cli import Progress, console_entry, setup_runtime
+from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime
 
 DESCRIPTION = "Reconstruct a map (CTF-corrected, half maps, FSC) from particles with known poses."
 
@@ -33,7 +34,7 @@ def add_args(parser) -> None:
     parser.add_argument("--class", dest="class_number", type=int, default=None,
                         help="use only particles with this rlnClassNumber")
     parser.add_argument("--maxres", type=float, default=None, help="highest resolution to use (Å)")
-    parser.add_argument("--angpix", type=float, default=None, help="pixel size (Å) for RELION 3.0 files without one")
+    add_particle_args(parser)
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     parser.add_argument("--wiener", action="store_true",
                         help="Wiener-regularise with the SSNR measured from the half maps")
@@ -56,12 +57,17 @@ def output_names(output: str) -> dict:
             "fsc": root + "_fsc.star"}
 
 
+def program_files(args) -> ProgramFiles:
+    """The particles read; the map (and half maps and FSC with ``--halves``) written."""
+    names = output_names(args.output)
+    keys = ("map", "half1", "half2", "fsc") if args.halves else ("map",)
+    return ProgramFiles(particles=[args.input], outputs=[names[k] for k in keys])
+
+
 def main(args) -> None:
     device = setup_runtime(args)
     symmetry = normalize_symmetry_name(args.sym)
-    star = io.read_particles(args.input, pixel_size_A=args.angpix)
-    if not star.has_poses:
-        raise InputError(f"{args.input}: particles have no poses (rlnAngleRot/Tilt/Psi)")
+    star, _ = read_posed_particles(args)
     if not args.no_ctf and not star.has_ctf:
         raise InputError(f"{args.input}: particles have no CTF parameters (use --no-ctf to ignore the CTF)")
     rows = None
@@ -92,7 +98,7 @@ def main(args) -> None:
     print(f"gsplat_reconstruct_fourier: wrote {names['map']}", flush=True)
 
 
-run = console_entry("gsplat_reconstruct_fourier", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_reconstruct_fourier", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

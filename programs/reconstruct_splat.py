@@ -30,11 +30,12 @@ import pandas as pd  # noqa: E402
 
 from scipion_gsplat.core import io  # noqa: E402
 from scipion_gsplat.core.io import InputError, atomic_path  # noqa: E402
+from scipion_gsplat.core.safety import ProgramFiles  # noqa: E402
 from scipion_gsplat.core.splat.fit import FitConfig  # noqa: E402
 from scipion_gsplat.core.splat.plots import save_report  # noqa: E402
 from scipion_gsplat.core.splat.reconstruct import INIT_MODES, InitSpec, reconstruct_splat  # noqa: E402
 
-from ._cli import Progress, console_entry, read_posed_particles, setup_runtime  # noqa: E402
+from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime  # noqa: E402
 from .reconstruct_fourier import fsc_table  # noqa: E402
 
 DESCRIPTION = "Reconstruct a map as a sum of 3D Gaussians fitted to particles with known poses and CTF."
@@ -45,7 +46,7 @@ def add_args(parser) -> None:
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--halves", action="store_true",
                         help="fit the two half sets (rlnRandomSubset) independently: half maps and FSC")
-    parser.add_argument("--angpix", type=float, default=None, help="pixel size (Å) for RELION 3.0 files without one")
+    add_particle_args(parser)
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     g = parser.add_argument_group("initial model")
     g.add_argument("--init", choices=INIT_MODES, default="map",
@@ -153,13 +154,21 @@ def output_names(outdir: str, model_format: str = "pdb") -> dict:
             "summary": j("summary.json")}
 
 
+def program_files(args) -> ProgramFiles:
+    """The particles, initial map/structure and mask read; every output and checkpoint written."""
+    names = {**output_names(args.output, "pdb"), **{k + "_cif": v for k, v in output_names(args.output, "cif").items()}}
+    checkpoints = [os.path.join(args.output, f"checkpoint_half{k}.pt") for k in (0, 1, 2)]
+    return ProgramFiles(particles=[args.input], inputs=[args.init_file, args.mask],
+                        outputs=list(names.values()) + checkpoints)
+
+
 def main(args) -> None:
     # a console script counts from its imports; a run in-process long after the import, from here
     t_start = _T_START if time.time() - _T_START < 30.0 else time.time()
     device = setup_runtime(args)
     if args.time_limit is not None and not args.time_limit > 0:
         raise InputError("--time-limit must be positive")
-    star, _ = read_posed_particles(args.input, args.angpix, need_ctf=not args.no_ctf)
+    star, _ = read_posed_particles(args, need_ctf=not args.no_ctf)
     box, pix = star.box_size, star.pixel_size
     config = fit_config(args)
     spec = init_spec(args, box)
@@ -210,7 +219,7 @@ def main(args) -> None:
     print(f"gsplat_reconstruct_splat: wrote {names['map']} and {names['structure']}", flush=True)
 
 
-run = console_entry("gsplat_reconstruct_splat", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_reconstruct_splat", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

@@ -30,9 +30,10 @@ import pandas as pd
 from scipion_gsplat.core import io, masks
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import load_spectra
+from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.split_volume import files, pooled, refine
 
-from ._cli import Progress, console_entry, read_posed_particles, setup_runtime, working_box
+from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime, working_box
 
 DESCRIPTION = "Two-class 3D refinement with fixed poses and a 3D-pooled (eigenvolume) detector."
 
@@ -66,7 +67,7 @@ def add_args(parser) -> None:
     parser.add_argument("--eigen-iterations", type=int, default=15,
                         help="alternating least-squares iterations of the eigenvolume")
     parser.add_argument("--mask", help="3D mask for the eigenvolume (default: from the consensus map)")
-    parser.add_argument("--angpix", type=float, default=None, help="pixel size for RELION 3.0 files without one")
+    add_particle_args(parser)
 
 
 def _mask(args, consensus, box, pix, work_box, work_pix):
@@ -90,10 +91,19 @@ def _label(key: str) -> str:
     return "rlnGsplat" + "".join(part.title() for part in key.split("_"))
 
 
+def program_files(args) -> ProgramFiles:
+    """The particles and mask read; particles, maps and summary written into the output folder."""
+    names = ("particles.star", "class1.mrc", "class2.mrc", "eigenvolume.mrc", "mask.mrc", "summary.star")
+    return ProgramFiles(particles=[args.input], inputs=[args.mask],
+                        outputs=[os.path.join(args.output, n) for n in names])
+
+
 def main(args) -> None:
     device = setup_runtime(args)
     t0 = time.time()
-    star, reader = read_posed_particles(args.input, args.angpix)
+    star, reader = read_posed_particles(args)
+    if len(star) < 2:  # the two-class mixture needs two particles (measured: 2 run, 1 fails)
+        raise InputError(f"{args.input}: {len(star)} particle; a two-class split needs at least 2")
     init = args.init
     has_column = "rlnClassNumber" in star.particles
     if init == "auto":
@@ -174,7 +184,7 @@ def main(args) -> None:
           f"(from the {summary['started_from']} split), {time.time() - t0:.1f} s", flush=True)
 
 
-run = console_entry("gsplat_refine_classes", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_refine_classes", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

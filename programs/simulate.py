@@ -19,6 +19,7 @@ import numpy as np
 from scipion_gsplat.core import simulate as sim
 from scipion_gsplat.core import structure as struct
 from scipion_gsplat.core.io import InputError, atomic_path
+from scipion_gsplat.core.safety import ProgramFiles
 
 from ._cli import Progress, console_entry, setup_runtime
 
@@ -54,6 +55,13 @@ def add_args(parser) -> None:
     m.add_argument("--density", choices=sim.DENSITY_MODELS, default="gemmi",
                    help="how maps are made from the structure: gemmi's electron form factors on the "
                         "grid, or one Gaussian per atom/residue (their models are saved too)")
+
+
+def program_files(args) -> ProgramFiles:
+    """The structure read; every file written into the output folder."""
+    names = ("particles.star", "particles.mrcs", "ground_truth.npz", "truth_state*.mrc",
+             "truth_state*_gaussians.npz", "state*.pdb")
+    return ProgramFiles(inputs=[args.input], outputs=[os.path.join(args.output, n) for n in names])
 
 
 def main(args) -> None:
@@ -102,7 +110,7 @@ def main(args) -> None:
     print(f"gsplat_simulate: wrote {star}", flush=True)
 
 
-run = console_entry("gsplat_simulate", DESCRIPTION, add_args, main)
+run = console_entry("gsplat_simulate", DESCRIPTION, add_args, main, files=program_files)
 
 if __name__ == "__main__":
     run()

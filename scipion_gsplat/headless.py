@@ -6,7 +6,9 @@ import time).
 """
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,8 @@ def configure(root) -> Path:
     Sets SCIPION_HOME, SCIPION_USER_DATA, SCIPION_TESTS, SCIPION_HOSTS (a
     generated hosts.conf for the local machine), SCIPION_DOMAIN=pwem,
     SCIPION_NOTIFY=False, SCIPION_TEST_NOSYNC=True, SCIPION_PYTHON (this
-    interpreter, which runs the protocols) and MPLBACKEND=Agg.
+    interpreter, which runs the protocols) and MPLBACKEND=Agg; RELION_HOME
+    too when it is unset and RELION is on the PATH (see :func:`link_relion`).
     """
     if "pyworkflow" in sys.modules:
         raise RuntimeError("configure() must run before pyworkflow is imported")
@@ -40,7 +43,28 @@ def configure(root) -> Path:
         "SCIPION_PYTHON": sys.executable,
         "MPLBACKEND": "Agg",
     })
+    if "RELION_HOME" not in os.environ:
+        home = link_relion(root / "software" / "relion-3.1")
+        if home is not None:
+            os.environ["RELION_HOME"] = str(home)
     return root
+
+
+def link_relion(home) -> "Path | None":
+    """Make ``home/bin`` a folder of symbolic links to the ``relion_*`` programs
+    found on the PATH (e.g. Debian's ``/usr/bin/relion_*``), the layout the
+    scipion-em-relion plugin expects under RELION_HOME. Returns ``home``, or
+    None when ``relion_refine`` is not on the PATH."""
+    found = shutil.which("relion_refine")
+    if found is None:
+        return None
+    bindir = Path(home) / "bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    for prog in glob.glob(os.path.join(os.path.dirname(os.path.realpath(found)), "relion_*")):
+        link = bindir / os.path.basename(prog)
+        if not link.exists():
+            link.symlink_to(prog)
+    return Path(home)
 
 
 def new_project(name: str, location=None):

@@ -39,7 +39,9 @@ pip_quiet() {  # run pip; show its output only on failure (minus local-index noi
 }
 # Editable install: the package runs from this checkout (programs/ is mapped to
 # scipion_gsplat.programs), so the tests, the demo and Scipion use this code.
-echo "[install] pip install torch==2.13.0 -e .[test]"
-pip_quiet install --progress-bar off torch==2.13.0 -e ".[test]"
+# scipion-em-relion: the RELION plugin the chaining tests run our outputs through
+# (never a dependency of the plugin itself); it drives Debian's RELION 3.1.
+echo "[install] pip install torch==2.13.0 scipion-em-relion==5.0.2 -e .[test]"
+pip_quiet install --progress-bar off torch==2.13.0 scipion-em-relion==5.0.2 -e ".[test]"
 "$VENV/bin/python" -m pip check
 "$VENV/bin/python" -c "import tkinter, torch, pwem, scipion_gsplat.programs.simulate; print('[install] ok: torch', torch.__version__)"

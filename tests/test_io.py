@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import starfile
 
 from scipion_gsplat.core import io
 
@@ -139,3 +140,27 @@ def test_half_set_fallback(tmp_path):
     path, _ = _v31(tmp_path)
     star = io.read_particles(path)
     assert list(star.half_set()) == [1, 2, 1, 2, 1]
+
+
+def test_v30_keeps_per_particle_optics_values_and_pixel_origins(tmp_path):
+    """Before: the first particle's voltage/Cs/Q0 went to every particle of a 3.0
+    file, and writing it back replaced pixel origins with Å ones."""
+    _write_stack(tmp_path / "stack.mrcs", 3, 16)
+    df = pd.DataFrame({"rlnImageName": [f"{i + 1}@stack.mrcs" for i in range(3)],
+                       "rlnOriginX": [1.0, 2.0, -1.0], "rlnOriginY": 0.5, "rlnImagePixelSize": 2.0,
+                       "rlnVoltage": [300.0, 200.0, 300.0], "rlnSphericalAberration": [2.7, 2.0, 2.7],
+                       "rlnAmplitudeContrast": [0.1, 0.07, 0.1], "rlnDefocusU": 10000.0})
+    io.write_star(tmp_path / "v30.star", {"": df}, version=None)
+    star = io.read_particles(tmp_path / "v30.star")
+    ctf = star.ctf_params()
+    assert ctf["voltage_kV"].tolist() == [300, 200, 300] and ctf["cs_mm"].tolist() == [2.7, 2.0, 2.7]
+    assert ctf["amplitude_contrast"].tolist() == [0.1, 0.07, 0.1]
+    (tmp_path / "o").mkdir()
+    io.write_particles(tmp_path / "o" / "out.star", star)
+    back = starfile.read(tmp_path / "o" / "out.star", always_dict=True)
+    assert list(back) == [""]  # still one RELION 3.0 table
+    assert back[""]["rlnOriginX"].tolist() == [1.0, 2.0, -1.0] and "rlnOriginXAngst" not in back[""]
+    assert back[""]["rlnVoltage"].tolist() == [300, 200, 300]
+    assert back[""]["rlnImageName"].iloc[0] == "1@../stack.mrcs"  # rebased: relative to the STAR folder
+    assert np.array_equal(io.ImageReader(io.read_particles(tmp_path / "o" / "out.star")).read([0, 1, 2]),
+                          io.ImageReader(star).read([0, 1, 2]))

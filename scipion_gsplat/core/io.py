@@ -12,14 +12,26 @@ Particle tables are normalised on reading (:func:`read_particles`):
   ``rlnOriginX/Y`` are converted);
 * optional CTF columns missing from the file get RELION's defaults
   (phase shift 0, B-factor 0, scale 1, astigmatism angle 0, ``DefocusV =
-  DefocusU``), never NaN.
+  DefocusU``), never NaN; voltage, Cs and amplitude contrast missing where
+  there is a defocus are filled from the caller's values (``--voltage``,
+  ``--cs``, ``--amplitude-contrast``) or refused, never dropped;
+* optics groups may differ in pixel size and box: :attr:`ParticleStar.pixel_size`
+  and :attr:`ParticleStar.box_size` are then the run's common grid (the
+  coarsest pixel, the smallest field of view) and :class:`ImageReader`
+  resamples each group's images onto it.
+
+The file as read is kept (:class:`StarSource`): :func:`write_particles` writes
+the input's blocks, rows, columns and values unchanged (version line, optics
+table, extra blocks, pixel-unit origins) plus the columns a program added or
+changed. Rows are matched through the column :data:`SOURCE_ROW`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -29,6 +41,7 @@ import pandas as pd
 import starfile
 
 from .geometry import euler_to_matrix
+from .star_source import StarSource, output_blocks, rebase_image_names, short_row, version_line
 
 
 class InputError(ValueError):
@@ -45,6 +58,12 @@ POSE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
 CTF_COLUMNS = ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 CTF_DEFAULTS = {"rlnPhaseShift": 0.0, "rlnCtfBfactor": 0.0, "rlnCtfScalefactor": 1.0,
                 "rlnDefocusAngle": 0.0}
+# CTF values a RELION 3.0 file may lack; programs fill them from options.
+CTF_FILL_OPTIONS = {"rlnVoltage": "--voltage", "rlnSphericalAberration": "--cs",
+                    "rlnAmplitudeContrast": "--amplitude-contrast"}
+# Row number (0-based) of each particle in the file it was read from: lets
+# write_particles write the input's own rows back. Not a RELION label.
+SOURCE_ROW = "gsplatSourceRow"
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -142,34 +161,77 @@ class ParticleStar:
     """A normalised RELION particle table.
 
     Attributes:
-        particles: one row per particle, optics columns merged in, shifts in Å.
+        particles: one row per particle, optics columns merged in, shifts in Å;
+            ``SOURCE_ROW`` gives each row's place in the file it was read from.
         optics: the optics table (one row per optics group), built for 3.0 files.
         path: the STAR file (image paths are resolved against its folder).
         extra_tables: any other data blocks, kept for writing back.
+        source: the file as read (written back by :func:`write_particles`), or None.
+        data_dir: folder that relative stack paths are relative to (a RELION
+            project folder), tried before the STAR file's folder; or None.
+        filled: ``{label: value}`` completed from the command line (``--angpix``,
+            ``--voltage``, ``--cs``, ``--amplitude-contrast``); written to outputs.
     """
     particles: pd.DataFrame
     optics: pd.DataFrame
     path: Path
     extra_tables: dict = field(default_factory=dict)
+    source: Optional[StarSource] = None
+    data_dir: Optional[Path] = None
+    filled: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.particles)
 
+    def optics_groups(self) -> pd.DataFrame:
+        """One row per optics group present: ``group``, ``pixel_A``, ``box_px``
+        (0 while unknown) and ``particles``.
+
+        Raises:
+            InputError: a group whose particles have several pixel or box sizes.
+        """
+        p = self.particles
+        groups = p["rlnOpticsGroup"].to_numpy() if "rlnOpticsGroup" in p else np.ones(len(p), int)
+        df = pd.DataFrame({"group": groups, "pixel_A": p["rlnImagePixelSize"].to_numpy(float),
+                           "box_px": p["rlnImageSize"].to_numpy(int)})
+        g = df.groupby("group", sort=True).agg(pixel_A=("pixel_A", "max"), pixel_min=("pixel_A", "min"),
+                                               box_px=("box_px", "max"), box_min=("box_px", "min"),
+                                               particles=("box_px", "size"))
+        bad = g[(g.pixel_A != g.pixel_min) | (g.box_px != g.box_min)]
+        if len(bad):
+            raise InputError(f"{self.path}: optics group {bad.index[0]} has particles of several pixel "
+                             f"or box sizes")
+        return g.drop(columns=["pixel_min", "box_min"]).reset_index()
+
     @property
     def pixel_size(self) -> float:
-        """Image pixel size in Å (one value for the whole set)."""
-        values = np.unique(self.particles["rlnImagePixelSize"].to_numpy(float))
-        if len(values) != 1:
-            raise InputError(f"{self.path}: optics groups with different pixel sizes {values}")
-        return float(values[0])
+        """Pixel size of the images (Å) as the programs see them: the common
+        pixel of all optics groups (the coarsest one; :class:`ImageReader`
+        Fourier-crops finer groups to it)."""
+        return float(self.particles["rlnImagePixelSize"].to_numpy(float).max())
 
     @property
     def box_size(self) -> int:
-        """Image box size in pixels (one value for the whole set)."""
-        values = np.unique(self.particles["rlnImageSize"].to_numpy(int))
-        if len(values) != 1:
-            raise InputError(f"{self.path}: optics groups with different box sizes {values}")
-        return int(values[0])
+        """Box of the images (px) as the programs see them: the common box of all
+        optics groups (the smallest field of view at :attr:`pixel_size`), 0 while
+        a group's box is unknown (filled by :meth:`ImageReader.check`)."""
+        g = self.optics_groups()
+        if (g.box_px == 0).any():
+            return 0
+        pix = g.pixel_A.max()
+        return int(min(common_box(int(b), float(p), pix) for b, p in zip(g.box_px, g.pixel_A)))
+
+    def grid_note(self) -> str:
+        """One line saying how optics groups of different pixel or box sizes are
+        brought to the common grid ('' when they all agree)."""
+        g = self.optics_groups()
+        if len(g) < 2 or (g.box_px.nunique() == 1 and g.pixel_A.nunique() == 1):
+            return ""
+        groups = ", ".join(f"group {int(r.group)}: {r.pixel_A:.4g} Å × {int(r.box_px)} px ({int(r.particles)})"
+                           for r in g.itertuples())
+        return (f"optics groups differ ({groups}); every image is Fourier-cropped to the coarsest pixel "
+                f"and cut to the smallest field of view: {self.pixel_size:.4g} Å × {self.box_size} px "
+                f"(origins in Å and CTFs per particle stay valid)")
 
     @property
     def has_poses(self) -> bool:
@@ -199,7 +261,8 @@ class ParticleStar:
         return self.particles[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(np.float64)
 
     def ctf_params(self) -> dict:
-        """CTF parameters as float64 arrays ``(N,)`` keyed like :mod:`.ctf` expects."""
+        """CTF parameters as float64 arrays ``(N,)`` keyed like :mod:`.ctf` expects
+        (each particle with its own optics group's voltage, Cs and amplitude contrast)."""
         if not self.has_ctf:
             missing = [c for c in CTF_COLUMNS if c not in self.particles]
             raise InputError(f"{self.path}: no CTF information (missing {', '.join(missing)})")
@@ -230,52 +293,84 @@ class ParticleStar:
         rows = np.asarray(rows)
         if rows.dtype == bool:
             rows = np.flatnonzero(rows)
-        return ParticleStar(self.particles.iloc[rows].reset_index(drop=True),
-                            self.optics, self.path, dict(self.extra_tables))
+        return replace(self, particles=self.particles.iloc[rows].reset_index(drop=True),
+                       extra_tables=dict(self.extra_tables))
 
 
-def read_particles(path, pixel_size_A: Optional[float] = None) -> ParticleStar:
-    """Read a RELION 3.0 or 3.1 particle STAR file and normalise it.
+def common_box(box_px: int, pixel_A: float, common_pixel_A: float) -> int:
+    """Box (px) of a group's images once at the common pixel: the box itself
+    at that pixel, else the field of view rounded down to an even box."""
+    if abs(pixel_A - common_pixel_A) <= 1e-6 * common_pixel_A:
+        return box_px
+    return max(2, int(np.floor(box_px * pixel_A / common_pixel_A / 2.0)) * 2)
+
+
+def read_particles(path, pixel_size_A: Optional[float] = None, data_dir=None,
+                   fill: Optional[dict] = None) -> ParticleStar:
+    """Read a RELION 3.0, 3.1, 4 or 5 particle STAR file and normalise it.
 
     Args:
         path: STAR file.
-        pixel_size_A: pixel size for RELION 3.0 files that do not give one.
+        pixel_size_A: pixel size (Å) for RELION 3.0 files that do not give one
+            (it replaces the file's value when given).
+        data_dir: folder that relative stack paths in ``rlnImageName`` are
+            relative to (a RELION project folder); default: the STAR file's
+            folder, then the current folder.
+        fill: values for CTF labels the file lacks (``rlnVoltage`` kV,
+            ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``); None
+            entries are ignored. The file's own values always win.
 
     Raises:
-        InputError: missing file, no particle table, no pixel size, NaN values.
+        InputError: missing file, no particle table, no pixel size, a short
+            (truncated) row, NaN values, a defocus without voltage/Cs/amplitude
+            contrast, a negative defocus.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"STAR file not found: {path}")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise InputError(f"--data-dir {data_dir}: not a folder")
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted errors on bad files
         raise InputError(f"cannot parse STAR file {path}: {exc}") from None
-    blocks = {k: (v if isinstance(v, pd.DataFrame) else pd.DataFrame([v])) for k, v in blocks.items()}
-    if "particles" in blocks:
-        parts = blocks.pop("particles").copy()
-        optics = blocks.pop("optics", None)
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    if "particles" in tables:
+        pkey, okey = "particles", ("optics" if "optics" in tables else None)
     else:  # RELION 3.0: one (usually unnamed) table
-        key = next((k for k, v in blocks.items() if "rlnImageName" in v), None)
-        if key is None:
+        pkey = next((k for k, v in tables.items() if "rlnImageName" in v), None)
+        if pkey is None:
             raise InputError(f"{path}: no particle table with rlnImageName")
-        parts = blocks.pop(key).copy()
-        optics = None
+        okey = None
+    parts = blocks[pkey].copy()
     if "rlnImageName" not in parts:
         raise InputError(f"{path}: particle table has no rlnImageName column")
     if len(parts) == 0:
         raise InputError(f"{path}: the particle table is empty")
-
-    if optics is None:
-        optics = _optics_from_v30(parts, path, pixel_size_A)
+    if parts.isna().to_numpy().any():
+        short = short_row(path, pkey)
+        if short:
+            raise InputError(f"{path}: {short} (truncated or damaged file?)")
+    parts[SOURCE_ROW] = np.arange(len(parts))
+    source = StarSource(dict(blocks), pkey, okey, version_line(path))
+    fill = {k: float(v) for k, v in (fill or {}).items() if v is not None}
+    filled = {}
+    if okey is None:
+        optics = _optics_from_v30(parts, path, pixel_size_A, filled)
+        target = parts
     else:
-        optics = optics.copy()
+        optics = blocks[okey].copy()
         if "rlnOpticsGroup" not in parts:
             parts["rlnOpticsGroup"] = int(optics["rlnOpticsGroup"].iloc[0])
         if pixel_size_A is not None:
-            optics["rlnImagePixelSize"] = float(pixel_size_A)
+            optics["rlnImagePixelSize"] = filled["rlnImagePixelSize"] = float(pixel_size_A)
         if "rlnImagePixelSize" not in optics:
             raise InputError(f"{path}: optics table has no rlnImagePixelSize")
+        target = optics
+    if "rlnDefocusU" in parts:
+        for col, value in fill.items():
+            if col in CTF_FILL_OPTIONS and col not in parts and col not in optics:
+                target[col] = filled[col] = value
     drop = [c for c in optics.columns if c in parts.columns and c != "rlnOpticsGroup"]
     parts = parts.drop(columns=drop)
     merged = parts.merge(optics, on="rlnOpticsGroup", how="left", sort=False)
@@ -284,6 +379,7 @@ def read_particles(path, pixel_size_A: Optional[float] = None) -> ParticleStar:
 
     _normalise_shifts(merged)
     if "rlnDefocusU" in merged:
+        _check_ctf(merged, path)
         if "rlnDefocusV" not in merged:
             merged["rlnDefocusV"] = merged["rlnDefocusU"]
         for col, default in CTF_DEFAULTS.items():
@@ -292,25 +388,51 @@ def read_particles(path, pixel_size_A: Optional[float] = None) -> ParticleStar:
     if "rlnImageSize" not in merged:
         merged["rlnImageSize"] = 0  # filled from the stack by ImageReader.check
     _check_finite(merged, path)
-    return ParticleStar(merged, optics.reset_index(drop=True), path, blocks)
+    source.kept = tuple(c for c in blocks[pkey].columns if c in merged.columns)
+    source.derived = merged.drop(columns=[c for c in merged.columns if c in blocks[pkey].columns]
+                                 + [SOURCE_ROW]).copy()
+    extra = {k: v for k, v in blocks.items() if k not in (pkey, okey)}
+    return ParticleStar(merged, optics.reset_index(drop=True), path, extra, source=source,
+                        data_dir=None if data_dir is None else Path(data_dir), filled=filled)
 
 
-def _optics_from_v30(parts: pd.DataFrame, path: Path, pixel_size_A) -> pd.DataFrame:
-    if pixel_size_A is None:
-        if "rlnImagePixelSize" in parts:
-            pixel_size_A = float(parts["rlnImagePixelSize"].iloc[0])
-        elif "rlnDetectorPixelSize" in parts and "rlnMagnification" in parts:
-            pixel_size_A = float(parts["rlnDetectorPixelSize"].iloc[0] * 1e4
-                                 / parts["rlnMagnification"].iloc[0])
-        else:
-            raise InputError(f"{path}: RELION 3.0 file without pixel size; give it explicitly")
-    row = {"rlnOpticsGroupName": "opticsGroup1", "rlnOpticsGroup": 1,
-           "rlnImagePixelSize": float(pixel_size_A), "rlnImageDimensionality": 2}
-    for col in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
-        if col in parts:
-            row[col] = float(parts[col].iloc[0])
-    parts["rlnOpticsGroup"] = 1
-    return pd.DataFrame([row])
+def _optics_from_v30(parts: pd.DataFrame, path: Path, pixel_size_A, filled: dict) -> pd.DataFrame:
+    """Optics groups of a RELION 3.0 table: one per distinct pixel size. Voltage,
+    Cs and amplitude contrast stay per particle, as the file gives them."""
+    if pixel_size_A is not None:
+        pix = np.full(len(parts), float(pixel_size_A))
+        filled["rlnImagePixelSize"] = float(pixel_size_A)
+    elif "rlnImagePixelSize" in parts:
+        pix = parts["rlnImagePixelSize"].to_numpy(float)
+    elif "rlnDetectorPixelSize" in parts and "rlnMagnification" in parts:
+        pix = parts["rlnDetectorPixelSize"].to_numpy(float) * 1e4 / parts["rlnMagnification"].to_numpy(float)
+    else:
+        raise InputError(f"{path}: RELION 3.0 file without pixel size; give it explicitly (--angpix)")
+    parts["rlnImagePixelSize"] = pix
+    if "rlnOpticsGroup" not in parts:
+        parts["rlnOpticsGroup"] = pd.factorize(np.round(pix, 6))[0] + 1
+    first = pd.DataFrame({"g": parts["rlnOpticsGroup"].to_numpy(), "p": pix}).groupby("g", sort=True).first()
+    return pd.DataFrame({"rlnOpticsGroupName": [f"opticsGroup{g}" for g in first.index],
+                         "rlnOpticsGroup": first.index.to_numpy(), "rlnImagePixelSize": first.p.to_numpy(),
+                         "rlnImageDimensionality": 2})
+
+
+def _check_ctf(p: pd.DataFrame, path: Path) -> None:
+    """A defocus needs voltage, Cs and amplitude contrast; defoci are positive."""
+    missing = [c for c in CTF_FILL_OPTIONS if c not in p]
+    if missing:
+        opts = ", ".join(f"{CTF_FILL_OPTIONS[c]} ({c})" for c in missing)
+        raise InputError(f"{path}: the particles have defoci but no {', '.join(missing)} (a RELION 3.0 "
+                         f"file?); give {opts}, e.g. --voltage 300 --cs 2.7 --amplitude-contrast 0.1")
+    for col in ("rlnDefocusU", "rlnDefocusV"):
+        if col in p:
+            neg = np.flatnonzero(p[col].to_numpy(float) < 0)
+            if len(neg):
+                i = int(neg[0])
+                raise InputError(
+                    f"{path}: {len(neg)} particle(s) with a negative {col} (first: row {i + 1}, "
+                    f"{p['rlnImageName'].iloc[i]}, {float(p[col].iloc[i]):g} Å); RELION defoci are "
+                    f"positive underfocus in Å: check the sign convention of the program that wrote the file")
 
 
 def _normalise_shifts(p: pd.DataFrame) -> None:
@@ -331,7 +453,14 @@ def _check_finite(p: pd.DataFrame, path: Path) -> None:
 
 
 def write_particles(path, star: ParticleStar, particles: Optional[pd.DataFrame] = None) -> None:
-    """Write a RELION 3.1 particle STAR file (optics + particles), atomically.
+    """Write a particle STAR file, atomically.
+
+    When ``star`` was read from a file (and the rows carry ``SOURCE_ROW``) the
+    output is that file's blocks, rows, columns and values, unchanged, plus the
+    columns of ``particles`` that are new or changed (see
+    :func:`.star_source.output_blocks`): a RELION 3.0 input stays a 3.0 table,
+    a RELION 5 input keeps its version line, optics table and extra blocks.
+    Otherwise a RELION 3.1 file (optics + particles) is built from the table.
 
     Args:
         path: output file.
@@ -339,9 +468,20 @@ def write_particles(path, star: ParticleStar, particles: Optional[pd.DataFrame] 
         particles: rows to write (default ``star.particles``); optics columns
             merged in by :func:`read_particles` are moved back to the optics table.
     """
-    parts = (star.particles if particles is None else particles).copy()
-    parts["rlnImageName"] = _rebase_image_names(parts["rlnImageName"].astype(str).tolist(),
-                                                Path(star.path).parent, Path(path).parent)
+    parts = star.particles if particles is None else particles
+    names = rebase_image_names(parts["rlnImageName"].astype(str), Path(star.path).parent,
+                               Path(path).parent, star.data_dir)
+    if star.source is not None and SOURCE_ROW in parts and SOURCE_ROW in star.particles:
+        changed = not np.array_equal(np.asarray(parts["rlnImageName"].astype(str)),
+                                     star.source.blocks[star.source.particles_key]["rlnImageName"].astype(str)
+                                     .to_numpy()[parts[SOURCE_ROW].to_numpy(np.int64)])
+        if not changed:  # rebase the raw names (the names a program set are its own)
+            parts = parts.assign(rlnImageName=names)
+        blocks = output_blocks(star.source, parts, star.filled)
+        write_star(path, blocks, version=star.source.version or ("30001" if star.source.optics_key else None),
+                   float_format=None)
+        return
+    parts = parts.drop(columns=[SOURCE_ROW], errors="ignore").assign(rlnImageName=names)
     optics = star.optics.copy()
     if "rlnImageSize" not in optics or (optics["rlnImageSize"] == 0).any():
         optics["rlnImageSize"] = star.box_size
@@ -370,117 +510,28 @@ def read_star_table(path, name: str) -> pd.DataFrame:
     return blocks[name]
 
 
-def _rebase_image_names(names: list, old_dir: Path, new_dir: Path) -> list:
-    """Rewrite relative stack paths of ``index@stack`` names so that they still
-    point to the same files from a STAR file written into ``new_dir``."""
-    old_dir, new_dir = Path(old_dir).absolute(), Path(new_dir).absolute()
-    if old_dir == new_dir:
-        return names
-    cache, out = {}, []
-    for name in names:
-        idx, sep, stack = name.rpartition("@")
-        if stack not in cache:
-            cache[stack] = stack
-            if not os.path.isabs(stack) and (old_dir / stack).exists():
-                cache[stack] = os.path.relpath(old_dir / stack, new_dir)
-        out.append(f"{idx}{sep}{cache[stack]}")
-    return out
+def write_star(path, blocks: dict, version: Optional[str] = "30001", float_format: Optional[str] = "%.6f") -> None:
+    """Write STAR data blocks ``{name: DataFrame or dict}`` atomically.
 
-
-def write_star(path, blocks: dict) -> None:
-    """Write STAR data blocks ``{name: DataFrame}`` atomically."""
+    Args:
+        version: written as ``# version <version>`` before every block, as
+            RELION does (None: no version line, as in RELION 3.0 files).
+        float_format: format of float columns (None: shortest exact text).
+    """
     with atomic_path(path) as tmp:
-        starfile.write(blocks, tmp, float_format="%.6f")
-        # RELION 3.1 marks its files with a version line; add it for clarity.
+        starfile.write(blocks, tmp, float_format=float_format)
         text = Path(tmp).read_text()
-        Path(tmp).write_text("\n# version 30001\n" + text.split("\n", 1)[1])
+        text = text.split("\n", 1)[1]  # starfile's own "Created by" comment
+        if version:
+            text = re.sub(r"(?m)^data_", f"# version {version}\n\ndata_", text)
+        Path(tmp).write_text("\n" + text.lstrip("\n"))
 
 
 # --------------------------------------------------------------------------- images
-def parse_image_name(name: str) -> tuple[int, str]:
-    """``'12@stack.mrcs'`` → ``(11, 'stack.mrcs')`` (0-based index); a name
-    without ``@`` is a single image (index 0)."""
-    if "@" in name:
-        idx, stack = name.split("@", 1)
-        return int(idx) - 1, stack
-    return 0, name
-
-
-class ImageReader:
-    """Read particle images listed in a :class:`ParticleStar`, in chunks.
-
-    Stacks are memory-mapped once and kept open; relative stack paths are
-    resolved against the STAR file's folder, then the current folder.
-    """
-
-    def __init__(self, star: ParticleStar):
-        self.star = star
-        self._maps: dict[str, np.ndarray] = {}
-        self._paths: dict[str, str] = {}
-        names = star.particles["rlnImageName"].astype(str).tolist()
-        parsed = [parse_image_name(n) for n in names]
-        self.index = np.array([p[0] for p in parsed], dtype=np.int64)
-        self.stacks = [self._resolve(p[1]) for p in parsed]
-
-    def _resolve(self, stack: str) -> str:
-        if stack in self._paths:
-            return self._paths[stack]
-        candidates = [Path(stack)] if os.path.isabs(stack) else [self.star.path.parent / stack, Path(stack)]
-        for c in candidates:
-            if c.exists():
-                self._paths[stack] = str(c)
-                return str(c)
-        raise InputError(f"image stack not found: {stack} (listed in {self.star.path})")
-
-    def _stack(self, path: str) -> np.ndarray:
-        if path not in self._maps:
-            try:
-                m = mrcfile.mmap(path, mode="r", permissive=True)
-            except ValueError as exc:
-                raise InputError(f"cannot read image stack {path}: {exc}") from None
-            data = m.data
-            if data is None:
-                raise InputError(f"cannot read image stack {path}")
-            self._maps[path] = data if data.ndim == 3 else data[None]
-        return self._maps[path]
-
-    def check(self) -> None:
-        """Check every stack exists, indices are in range and images are square
-        and of the declared box size (filling it where the STAR gives none)."""
-        box = None
-        for path in sorted(set(self.stacks)):
-            data = self._stack(path)
-            n, h, w = data.shape
-            if h != w:
-                raise InputError(f"{path}: images are not square ({h}x{w})")
-            if box is not None and h != box:
-                raise InputError(f"{path}: box {h} differs from other stacks ({box})")
-            box = h
-            idx = self.index[np.array([s == path for s in self.stacks])]
-            if idx.min() < 0 or idx.max() >= n:
-                raise InputError(f"{path}: image index {idx.max() + 1} out of range (stack has {n})")
-        declared = self.star.particles["rlnImageSize"].to_numpy(int)
-        if (declared == 0).all():
-            self.star.particles["rlnImageSize"] = box
-            self.star.optics["rlnImageSize"] = box
-        elif (declared != box).any():
-            raise InputError(f"{self.star.path}: rlnImageSize {declared[0]} but the stacks hold "
-                             f"{box}x{box} images")
-
-    def read(self, rows) -> np.ndarray:
-        """Images of the given particle rows as float32 ``(B, n, n)``."""
-        rows = np.asarray(rows)
-        out = None
-        for k, r in enumerate(rows):
-            img = self._stack(self.stacks[r])[self.index[r]]
-            if out is None:
-                out = np.empty((len(rows),) + img.shape, dtype=np.float32)
-            out[k] = img
-        return out
-
-    def chunks(self, chunk_size: int = 512, rows=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(rows, images)`` for consecutive chunks of particles."""
-        rows = np.arange(len(self.star)) if rows is None else np.asarray(rows)
-        for start in range(0, len(rows), chunk_size):
-            sel = rows[start:start + chunk_size]
-            yield sel, self.read(sel)
+def __getattr__(name):
+    """``ImageReader`` and ``parse_image_name`` live in :mod:`.image_reader`
+    (which imports this module); ``io.ImageReader`` keeps working."""
+    if name in ("ImageReader", "parse_image_name"):
+        from . import image_reader
+        return getattr(image_reader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,10 +54,97 @@ class GsplatProgramMixin:
         """Append errors when the input particles lack CTF or 3D poses."""
         parts = self.inputParticles.get()
         if parts is not None:
+            parts = self._inputImages()
             if not parts.hasCTF():
                 errors.append("The input particles have no CTF.")
             if not parts.hasAlignmentProj():
                 errors.append("The input particles have no 3D poses (projection alignment).")
+
+    def _inputImages(self):
+        """The SetOfParticles behind ``inputParticles`` (a SetOfParticles or a SetOfClasses)."""
+        from ..convert import particles_of
+        return particles_of(self.inputParticles.get())
+
+    def _copyInputParticles(self, annotate):
+        """A new SetOfParticles with the input particles (of a SetOfParticles or of
+        every class of a SetOfClasses), ``annotate(particle)`` applied to each;
+        particles for which it returns False are left out."""
+        from ..convert import iter_particles
+        out = self._createSetOfParticles()
+        out.copyInfo(self._inputImages())
+        for part in iter_particles(self.inputParticles.get()):
+            if annotate(part) is not False:
+                out.append(part)
+        return out
+
+    def _classOutputs(self, labels: dict, maps: dict, halves: bool, annotate=None, suffix: str = ""):
+        """SetOfClasses3D, SetOfVolumes and SetOfFSCs of a classification.
+
+        Args:
+            labels: Scipion particle id → class number (particles absent are left out).
+            maps: class number → map path written by gsplat_reconstruct_fourier
+                (``<root>.mrc``; its ``_half1/_half2.mrc`` and ``_fsc.star`` are used
+                when ``halves``).
+            halves: attach half maps to each volume and class representative and
+                make one FSC per class (label "class k").
+            annotate: optional ``annotate(particle)`` applied to each class member.
+            suffix: of the sets' sqlite files (when the protocol makes other sets too).
+        """
+        import os
+
+        from pwem.objects import Volume
+        from ..core.io import read_star_table
+        pix = self._inputImages().getSamplingRate()
+
+        def volume(k):
+            vol = Volume(location=maps[k])
+            vol.setSamplingRate(pix)
+            if halves:
+                root = maps[k][:-len(".mrc")]
+                vol.setHalfMaps([root + "_half1.mrc", root + "_half2.mrc"])
+            return vol
+
+        vols = self._createSetOfVolumes(suffix)
+        vols.setSamplingRate(pix)
+        fscs = self._createSetOfFSCs(suffix)
+        for k in sorted(maps):
+            vol = volume(k)
+            vol.setObjId(k)
+            vol.setObjLabel(f"class {k}")
+            vols.append(vol)
+            fsc_path = maps[k][:-len(".mrc")] + "_fsc.star"
+            if halves and os.path.exists(fsc_path):
+                table = read_star_table(fsc_path, "fsc")
+                fsc = self._fsc(table, f"class {k}")
+                fsc.setObjId(k)
+                fscs.append(fsc)
+
+        classes = self._createSetOfClasses3D(self._inputImages(), suffix)
+
+        def update_item(item, row=None):
+            k = labels.get(item.getObjId())
+            if k is None:
+                item._appendItem = False
+            else:
+                if annotate is not None:
+                    annotate(item)
+                item.setClassId(k)
+
+        def update_class(cls):
+            k = cls.getObjId()
+            if k in maps:
+                cls.setRepresentative(volume(k))
+
+        classes.classifyItems(updateItemCallback=update_item, updateClassCallback=update_class)
+        return classes, vols, fscs
+
+    @staticmethod
+    def _fsc(table, label: str):
+        """A Scipion FSC (x: 1/Å, y: FSC) from a RELION-style ``fsc`` table."""
+        from pwem.objects import FSC
+        fsc = FSC(objLabel=label)
+        fsc.setData(table["rlnResolution"].tolist(), table["rlnFourierShellCorrelation"].tolist())
+        return fsc
 
     def _summaryData(self) -> dict:
         """The program's ``extra/summary.json`` ({} before it exists)."""

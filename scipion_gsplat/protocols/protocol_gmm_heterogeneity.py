@@ -6,9 +6,10 @@ import os
 import pyworkflow.protocol.params as params
 from pwem.objects import AtomStruct, SetOfClasses3D, SetOfParticles, SetOfVolumes, Volume
 from pwem.protocols import ProtAnalysis3D
-from pyworkflow.object import Float, Integer
+from pyworkflow.object import Float
 
-from ..constants import ATTR_CLASS_NUMBER, ATTR_COORDINATE
+from ..constants import ATTR_COORDINATE
+from ..convert import set_particle_class
 from ..core import io
 from .base import GsplatProgramMixin
 
@@ -109,8 +110,7 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         self.runProgram("gmm_heterogeneity", self._programArgs())
 
     def createOutputStep(self):
-        parts = self.inputParticles.get()
-        pix = parts.getSamplingRate()
+        pix = self._inputImages().getSamplingRate()
         table = io.read_particles(self._getExtraPath("particles.star")).particles
         k_motions = self.nMotions.get()
         cols = [f"rlnGsplatCoordinate{k + 1}" for k in range(k_motions)]
@@ -119,14 +119,14 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                   if "rlnClassNumber" in table and self.nClasses.get() > 0 else {})
 
         def annotate(item, row=None):
+            if item.getObjId() not in coords:
+                return False
             for k, value in enumerate(coords[item.getObjId()]):
                 setattr(item, ATTR_COORDINATE.format(k + 1), Float(float(value)))
             if labels:
-                setattr(item, ATTR_CLASS_NUMBER, Integer(labels[item.getObjId()]))
+                set_particle_class(item, labels[item.getObjId()])
 
-        out_parts = self._createSetOfParticles()
-        out_parts.copyInfo(parts)
-        out_parts.copyItems(parts, updateItemCallback=annotate)
+        out_parts = self._copyInputParticles(annotate)
         outputs = {"outputParticles": out_parts}
 
         summary = self._summaryData()
@@ -145,21 +145,9 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
             outputs["outputTrajectory"] = AtomStruct(filename=first, pseudoatoms=True)
         if labels:
             class_maps = summary.get("classes", [])
-            classes = self._createSetOfClasses3D(parts)
-
-            def update_item(item, row=None):
-                annotate(item)
-                item.setClassId(labels[item.getObjId()])
-
-            def update_class(cls):
-                k = cls.getObjId()
-                if 0 < k <= len(class_maps):
-                    rep = Volume(location=class_maps[k - 1])
-                    rep.setSamplingRate(pix)
-                    cls.setRepresentative(rep)
-
-            classes.classifyItems(updateItemCallback=update_item, updateClassCallback=update_class)
-            outputs["outputClasses"] = classes
+            maps = {k + 1: path for k, path in enumerate(class_maps)}
+            outputs["outputClasses"] = self._classOutputs(labels, maps, halves=False, annotate=annotate,
+                                                          suffix="Kmeans")[0]
         self._defineOutputs(**outputs)
         for obj in outputs.values():
             self._defineSourceRelation(self.inputParticles, obj)

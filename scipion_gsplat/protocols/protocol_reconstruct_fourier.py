@@ -14,15 +14,22 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
     """Reconstruct a map from particles with known poses and CTF: CTF-weighted
     Fourier insertion on a ×2 padded grid, independent half maps and their FSC
     (resolution at FSC 0.143). Point-group symmetry is applied in Fourier space.
+    The input may be the classes of a 3D classification (ours, RELION's, …):
+    one class is then reconstructed, chosen by its number.
     """
     _label = "reconstruct fourier"
     _possibleOutputs = {"outputVolume": Volume, "outputFSC": FSC}
 
     def _defineParams(self, form):
         form.addSection(label="Input")
-        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
-                      pointerCondition="hasAlignmentProj", label="Input particles",
-                      help="Particles with 3D poses (projection alignment) and CTF.")
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles,SetOfClasses3D",
+                      label="Input particles",
+                      help="Particles with 3D poses (projection alignment) and CTF, or a SetOfClasses3D "
+                           "(its particles, with their class numbers).")
+        form.addParam("classNum", params.IntParam, default=-1, label="Use only this class",
+                      help="Reconstruct only the particles of this class (-1: all). The class of a "
+                           "particle is its Scipion class id (the class it sits in, for a "
+                           "SetOfClasses3D input), else its _rlnClassNumber.")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry",
                       help="Point group: c1, cN, dN, t, o, i (RELION conventions).")
         form.addParam("maxRes", params.FloatParam, default=-1, label="Max resolution (Å)",
@@ -46,6 +53,8 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
     def reconstructStep(self):
         args = ["-i", self._getExtraPath("input_particles.star"), "-o", self._getExtraPath("map.mrc"),
                 "--halves", "--sym", self.symmetryGroup.get()]
+        if self.classNum.get() > 0:
+            args += ["--class", self.classNum.get()]
         if self.maxRes.get() > 0:
             args += ["--maxres", self.maxRes.get()]
         if not self.doCTF:
@@ -55,14 +64,12 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
         self.runProgram("reconstruct_fourier", args)
 
     def createOutputStep(self):
-        parts = self.inputParticles.get()
+        parts = self._inputImages()
         vol = Volume()
         vol.setFileName(self._getExtraPath("map.mrc"))
         vol.setSamplingRate(parts.getSamplingRate())
         vol.setHalfMaps([self._getExtraPath("map_half1.mrc"), self._getExtraPath("map_half2.mrc")])
-        table = read_star_table(self._getExtraPath("map_fsc.star"), "fsc")
-        fsc = FSC(objLabel="FSC (half maps)")
-        fsc.setData(table["rlnResolution"].tolist(), table["rlnFourierShellCorrelation"].tolist())
+        fsc = self._fsc(read_star_table(self._getExtraPath("map_fsc.star"), "fsc"), "FSC (half maps)")
         self._defineOutputs(outputVolume=vol, outputFSC=fsc)
         self._defineSourceRelation(self.inputParticles, vol)
         self._defineSourceRelation(self.inputParticles, fsc)
@@ -71,9 +78,12 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
     def _validate(self):
         errors = []
         self._validateSymmetry(errors)
-        parts = self.inputParticles.get()
-        if parts is not None and self.doCTF and not parts.hasCTF():
-            errors.append("The input particles have no CTF; switch off CTF correction.")
+        if self.inputParticles.get() is not None:
+            parts = self._inputImages()
+            if self.doCTF and not parts.hasCTF():
+                errors.append("The input particles have no CTF; switch off CTF correction.")
+            if not parts.hasAlignmentProj():
+                errors.append("The input particles have no 3D poses (projection alignment).")
         return errors
 
     def _summary(self):
@@ -81,7 +91,8 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
             return ["Output not ready yet."]
         return [f"Resolution (FSC 0.143, half maps): {float(self.outputFSC.calculateResolution(0.143)):.2f} Å",
                 f"Symmetry {self.symmetryGroup.get()}, "
-                f"{self.inputParticles.get().getSize()} particles."]
+                f"{self._inputImages().getSize()} particles"
+                + (f", class {self.classNum.get()}." if self.classNum.get() > 0 else ".")]
 
     def _methods(self):
         return ["The map was reconstructed by CTF-weighted Fourier insertion (scipion-gsplat) "

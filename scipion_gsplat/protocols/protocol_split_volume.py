@@ -6,12 +6,12 @@ import shutil
 
 import numpy as np
 import pyworkflow.protocol.params as params
-from pwem.objects import SetOfClasses3D, SetOfParticles, SetOfVolumes, Volume
+from pwem.objects import SetOfClasses3D, SetOfFSCs, SetOfParticles, SetOfVolumes
 from pwem.protocols import ProtClassify3D
-from pyworkflow.object import Float, Integer
+from pyworkflow.object import Float
 
-from ..constants import ATTR_CLASS_NUMBER, ATTR_CLASS_PROB, ATTR_SCORE
-from ..convert import set_to_star
+from ..constants import ATTR_SCORE
+from ..convert import particles_of, set_particle_class, set_to_star
 from ..core import io
 from ..core.split_volume.maxcut import METHODS
 from .base import GsplatProgramMixin
@@ -33,15 +33,17 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
     """
     _label = "split volume classification"
     _possibleOutputs = {"outputClasses": SetOfClasses3D, "outputVolumes": SetOfVolumes,
-                        "outputParticles": SetOfParticles}
+                        "outputParticles": SetOfParticles, "outputFSCs": SetOfFSCs}
 
     # ------------------------------------------------------------------ form
     def _defineParams(self, form):
         form.addSection(label="Input")
-        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
-                      pointerCondition="hasAlignmentProj", label="Input particles",
+        form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles,SetOfClasses3D",
+                      label="Input particles",
                       help="Particles with 3D poses (projection alignment) and CTF, e.g. from a "
-                           "consensus refinement.")
+                           "consensus refinement, or the classes of a 3D classification (e.g. "
+                           "RELION's): their particles are used and their class numbers are "
+                           "written as rlnClassNumber.")
         form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
                       label="Mask (optional)",
                       help="3D mask of the region to classify (same box as the particles); projected "
@@ -177,54 +179,31 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         self.runProgram("reconstruct_fourier", args)
 
     def createOutputStep(self):
-        parts = self.inputParticles.get()
+        """Particles (class id, ``_rlnClassNumber``, probabilities, score), classes
+        whose representatives carry their half maps, the class maps and one FSC
+        per class (from the half maps)."""
         table = io.read_particles(self._final_classes()).particles
         info = {int(i): (int(c), float(p), float(s)) for i, c, p, s in zip(
             table["rlnImageId"], table["rlnClassNumber"], table["rlnGsplatClassProbability"],
             table["rlnGsplatScore"])}
-        present = sorted(set(c for c, _, _ in info.values()))
-
-        vols = self._createSetOfVolumes()
-        vols.setSamplingRate(parts.getSamplingRate())
-        volume_of = {}
-        for k in present:
-            path = self._path(f"class{k}.mrc")
-            if not os.path.exists(path):
-                continue
-            vol = Volume()
-            vol.setFileName(path)
-            vol.setSamplingRate(parts.getSamplingRate())
-            vol.setObjId(k)
-            if self.doHalves:
-                vol.setHalfMaps([self._path(f"class{k}_half1.mrc"), self._path(f"class{k}_half2.mrc")])
-            vols.append(vol)
-            volume_of[k] = path
+        maps = {k: self._path(f"class{k}.mrc") for k in sorted(set(c for c, _, _ in info.values()))
+                if os.path.exists(self._path(f"class{k}.mrc"))}
 
         def annotate(item):
+            if item.getObjId() not in info:
+                return False
             c, p, s = info[item.getObjId()]
-            setattr(item, ATTR_CLASS_NUMBER, Integer(c))
-            setattr(item, ATTR_CLASS_PROB, Float(p))
+            set_particle_class(item, c, p)
             setattr(item, ATTR_SCORE, Float(s))
-            return c
 
-        out_parts = self._createSetOfParticles()
-        out_parts.copyInfo(parts)
-        out_parts.copyItems(parts, updateItemCallback=lambda item, row=None: annotate(item))
-
-        classes = self._createSetOfClasses3D(parts)
-
-        def update_item(item, row=None):
-            item.setClassId(annotate(item))
-
-        def update_class(cls):
-            k = cls.getObjId()
-            if k in volume_of:
-                cls.setRepresentative(Volume(location=volume_of[k]))
-                cls.getRepresentative().setSamplingRate(parts.getSamplingRate())
-
-        classes.classifyItems(updateItemCallback=update_item, updateClassCallback=update_class)
-        self._defineOutputs(outputClasses=classes, outputVolumes=vols, outputParticles=out_parts)
-        for out in (classes, vols, out_parts):
+        out_parts = self._copyInputParticles(annotate)
+        classes, vols, fscs = self._classOutputs({i: c for i, (c, _, _) in info.items()}, maps,
+                                                 bool(self.doHalves), annotate)
+        outputs = {"outputClasses": classes, "outputVolumes": vols, "outputParticles": out_parts}
+        if fscs.getSize():
+            outputs["outputFSCs"] = fscs
+        self._defineOutputs(**outputs)
+        for out in outputs.values():
             self._defineSourceRelation(self.inputParticles, out)
 
     # ------------------------------------------------------------------ info
@@ -234,8 +213,12 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         if self.numberOfClasses.get() < 2:
             errors.append("At least 2 classes.")
         parts = self.inputParticles.get()
-        if parts is not None and not parts.hasCTF():
-            errors.append("The input particles have no CTF.")
+        if parts is not None:
+            parts = particles_of(parts)
+            if not parts.hasCTF():
+                errors.append("The input particles have no CTF.")
+            if not parts.hasAlignmentProj():
+                errors.append("The input particles have no 3D poses (projection alignment).")
         return errors
 
     def _summary(self):

@@ -132,6 +132,32 @@ class MotionModel:
         return self.base.to_model()
 
     # ------------------------------------------------------------------ files
+    def state(self) -> dict:
+        """Numpy arrays from which :meth:`from_state` rebuilds this model bit for
+        bit (for checkpoints): the raw trainable tensors ``raw_<name>`` of the
+        consensus (not the centres, amplitudes and widths derived from them,
+        which do not convert back exactly), the motions and the parts."""
+        arrays = {f"raw_{k}": v.numpy() for k, v in self.base.state().items()}
+        arrays.update(sigma_min_A=np.float64(self.base.sigma_min_A), motions_A=self.motions.detach().cpu().numpy(),
+                      amp_length_A=np.float64(self.amp_length_A))
+        if self.amp_motions is not None:
+            arrays["amp_motions"] = self.amp_motions.detach().cpu().numpy()
+        if self.parts is not None:
+            arrays["parts"] = self.parts.cpu().numpy()
+            arrays["part_centres_A"] = self.part_centres.cpu().numpy()
+        return arrays
+
+    @classmethod
+    def from_state(cls, arrays, device="cpu") -> "MotionModel":
+        """The model :meth:`state` gave ``arrays`` of (a dict or an open ``.npz``)."""
+        raw = {k[len("raw_"):]: torch.from_numpy(np.array(arrays[k])) for k in arrays if k.startswith("raw_")}
+        base = SplatParameters.from_state(raw, float(arrays["sigma_min_A"]), device=device)
+
+        def tensor(name):
+            return torch.from_numpy(np.array(arrays[name])).to(device) if name in arrays else None
+        return cls(base, tensor("motions_A"), tensor("amp_motions"), float(arrays["amp_length_A"]),
+                   tensor("parts"), tensor("part_centres_A"))
+
     def save(self, path, coordinates: Optional[np.ndarray] = None, **extra) -> None:
         """Write an ``.npz``: consensus model, motions, optional coordinates and extras."""
         m = self.to_model()

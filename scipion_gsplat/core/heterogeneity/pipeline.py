@@ -14,12 +14,19 @@
    the full-size images (sharper maps along the motions), and the coordinates
    re-estimated once on those images.
 
-After each stage the state is written to ``<workdir>/state.npz`` with a
-signature of the inputs; a rerun with the same inputs continues after the
-last finished stage.
+After each stage the state is written to ``<workdir>/state.npz``: the raw
+trainable parameters (not quantities derived from them, which would not convert
+back exactly), coordinates and posterior covariances, with a signature of the
+inputs (content of the STAR rows, the stacks, every setting, the seed, the
+consensus and segmentation files). The consensus fit also checkpoints itself
+after every epoch (``consensus_fit.pt``, parameters and optimiser state). A
+rerun with the same inputs continues after the last finished stage or epoch
+and ends with the uninterrupted run's result, bit for bit (every random draw is
+seeded by the seed and the stage); with other inputs it starts afresh.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,8 +36,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..io import InputError, ParticleStar, read_map
+from ..io import ImageReader, InputError, ParticleStar, atomic_path, read_map
 from ..particle_spectra import working_box
+from ..safety import input_signature
 from ..splat.data import ParticleData
 from ..splat.fit import FitConfig, fit
 from ..splat.model import GaussianModel
@@ -128,8 +136,11 @@ class HeterogeneityResult:
 
 
 def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityConfig, seed: int,
-                    device="cpu", log: Callable[[str], None] = print, progress_factory=None) -> GaussianModel:
-    """The consensus Gaussian model, fitted to the particles."""
+                    device="cpu", log: Callable[[str], None] = print, progress_factory=None,
+                    checkpoint=None, inputs: Optional[str] = None) -> GaussianModel:
+    """The consensus Gaussian model, fitted to the particles (the fit written
+    to and resumed from ``checkpoint`` after every epoch, when given, if it was
+    computed from the same ``inputs``: :func:`_signature`)."""
     prog = progress_factory or (lambda label: None)
     path = cfg.consensus
     if path and Path(path).suffix.lower() == ".npz":
@@ -142,7 +153,8 @@ def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityCo
         log(f"consensus: {len(model)} Gaussians sampled from {path or 'the particles reconstruction'}")
     if cfg.consensus_epochs > 0:
         res = fit(model, data, FitConfig(epochs=cfg.consensus_epochs, batch=cfg.batch), seed=seed,
-                  progress=prog("fitting consensus"), log=lambda line: log(f"consensus: {line}"))
+                  checkpoint=checkpoint, inputs=inputs, progress=prog("fitting consensus"),
+                  log=lambda line: log(f"consensus: {line}"))
         model = res.model
     return model
 
@@ -236,31 +248,81 @@ def epochs_per_refit(cfg: HeterogeneityConfig) -> int:
     return REFIT_EPOCHS_AMPLITUDES if cfg.amplitudes else REFIT_EPOCHS
 
 
+# stages recorded in the state besides 0 (motions and first coordinates), 1..rounds and rounds + 1
+STAGE_STARTED = -2    # nothing finished yet (the consensus fit checkpoints itself)
+STAGE_CONSENSUS = -1  # the consensus model is fitted
+CONSENSUS_CHECKPOINT = "consensus_fit.pt"
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _signature(star: ParticleStar, cfg: HeterogeneityConfig, seed: int) -> str:
-    return json.dumps({"star": str(star.path), "n": len(star), "seed": seed, "config": asdict(cfg)},
-                      sort_keys=True)
+    """What the result depends on: the content of the STAR rows (optics values
+    merged in), the image stacks (size, modification time), every setting, the
+    seed, and the content of the consensus and segmentation files."""
+    options = asdict(cfg)
+    for key in ("consensus", "segmentation"):
+        if options[key]:
+            options[key] = _file_sha256(options[key])
+    return input_signature(star.particles, ImageReader(star).stack_files(), seed=seed, config=options)
 
 
-def _save_state(path, mm: MotionModel, z: torch.Tensor, cov: Optional[torch.Tensor], explained, stage: int,
-                signature: str, history) -> None:
-    extra = {} if cov is None else {"posterior_cov": cov.cpu().numpy()}
-    mm.save(path, z.cpu().numpy(), explained=explained, stage=stage, signature=signature,
-            history=json.dumps(history), **extra)
+def _save_state(path, stage: int, signature: str, history: list, **arrays) -> None:
+    """Write the state atomically: the stage last finished, the signature and
+    history, and the arrays that stage left (numpy or torch)."""
+    arrays = {k: (v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v))
+              for k, v in arrays.items() if v is not None}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, stage=np.int64(stage), signature=np.str_(signature), history=np.str_(json.dumps(history)),
+                     **arrays)
 
 
-def _load_state(path, signature: str, device):
-    path = Path(path)
+def _load_state(path: Path, signature: str, log: Callable[[str], None]) -> Optional[dict]:
+    """The state's arrays (with ``stage`` an int and ``history`` a list), or
+    None — saying why — when there is none, it is unreadable or it was
+    computed from other particles or settings."""
     if not path.exists():
         return None
     try:
-        d = np.load(path)
-        if str(d["signature"]) != signature:
+        with np.load(path) as d:
+            state = {k: d[k] for k in d.files}
+        if str(state["signature"]) != signature:
+            log(f"{path} is from other particles, stacks or settings: starting afresh")
             return None
-        mm, z = MotionModel.load(path, device)
-        cov = d["posterior_cov"] if "posterior_cov" in d else None
-        return mm, z, cov, d["explained"], int(d["stage"]), json.loads(str(d["history"]))
-    except (OSError, KeyError, ValueError, InputError):
+        state["stage"], state["history"] = int(state["stage"]), json.loads(str(state["history"]))
+        return state
+    except (OSError, KeyError, ValueError, EOFError) as exc:
+        log(f"{path} cannot be read ({exc.__class__.__name__}): starting afresh")
         return None
+
+
+def _stage_arrays(mm: MotionModel, z: torch.Tensor, cov: Optional[torch.Tensor], explained) -> dict:
+    """What a stage from 0 on leaves: the model's raw parameters (bit-exact,
+    :meth:`MotionModel.state`), the coordinates, posterior covariances and
+    explained variances."""
+    return dict(mm.state(), coordinates=z, posterior_cov=cov, explained=explained)
+
+
+def _consensus_from_state(state: dict) -> GaussianModel:
+    if "consensus_cholesky_A" in state:
+        return GaussianModel(state["consensus_centres_A"], state["consensus_amplitudes"],
+                             cholesky_A=state["consensus_cholesky_A"])
+    return GaussianModel(state["consensus_centres_A"], state["consensus_amplitudes"], state["consensus_sigmas_A"])
+
+
+def _stage_name(stage: int, rounds: int) -> str:
+    if stage == STAGE_CONSENSUS:
+        return "the consensus"
+    if stage == 0:
+        return "the eigen-motions"
+    return f"round {stage}" if stage <= rounds else "the full-resolution stage"
 
 
 def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 0, device="cpu",
@@ -278,17 +340,31 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
     if work != data.box:
         data = data.downsampled(work)
         log(f"particles Fourier-cropped to {work} px ({data.pixel_size_A:.2f} Å pixels)")
-    signature = _signature(star, cfg, seed)
+    signature = _signature(star, cfg, seed) if workdir else None
     state_path = Path(workdir) / "state.npz" if workdir else None
-    resumed = _load_state(state_path, signature, device) if state_path else None
-    if resumed:
-        mm, z_np, cov_np, explained, stage, history = resumed
-        z = torch.as_tensor(z_np, dtype=torch.float32, device=device)
-        cov = None if cov_np is None else torch.as_tensor(cov_np, dtype=torch.float32, device=device)
-        log(f"resumed from {state_path} after stage {stage}")
+    checkpoint = Path(workdir) / CONSENSUS_CHECKPOINT if workdir else None
+    state = _load_state(state_path, signature, log) if state_path else None
+    stage, history = (state["stage"], state["history"]) if state else (STAGE_STARTED, [])
+    if state_path and state is None:  # a fresh start: nothing an earlier run left is reused
+        checkpoint.unlink(missing_ok=True)
+        _save_state(state_path, STAGE_STARTED, signature, history)
+    elif stage >= STAGE_CONSENSUS:
+        log(f"resumed from {state_path} after {_stage_name(stage, cfg.rounds)}")
+    if stage == STAGE_STARTED:
+        model = consensus_model(star, data, cfg, seed, device, log, progress_factory, checkpoint, signature)
+        if state_path:
+            arrays = {"consensus_centres_A": model.centres_A, "consensus_amplitudes": model.amplitudes,
+                      "consensus_sigmas_A": model.sigmas_A, "consensus_cholesky_A": model.cholesky_A}
+            _save_state(state_path, STAGE_CONSENSUS, signature, history, **arrays)
+            checkpoint.unlink(missing_ok=True)  # the state holds the fitted consensus now
+    elif stage == STAGE_CONSENSUS:
+        model = _consensus_from_state(state)
+    if stage >= 0:
+        mm = MotionModel.from_state(state, device)
+        z = torch.from_numpy(state["coordinates"]).to(device)
+        cov = torch.from_numpy(state["posterior_cov"]).to(device) if "posterior_cov" in state else None
+        explained = state["explained"]
     else:
-        stage, history = 0, []
-        model = consensus_model(star, data, cfg, seed, device, log, progress_factory)
         base = base_parameters(model, data.pixel_size_A, device)
         amp_length = float(model.sigmas_A.mean())
         rng = np.random.default_rng([seed, 4])
@@ -308,7 +384,8 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
             z, cov = add_parts(mm, z, cfg, data, seed, log, prog), None
         history.append({"stage": 0, "seconds": time.time() - t0, "noise_var": noise})
         if state_path:
-            _save_state(state_path, mm, z, cov, explained, 0, signature, history)
+            _save_state(state_path, 0, signature, history, **_stage_arrays(mm, z, cov, explained))
+        stage = 0
     refit_epochs = epochs_per_refit(cfg)
     for r in range(stage + 1, cfg.rounds + 1):
         # Monte Carlo EM: each step sees a draw from every particle's posterior (hinge benchmark,
@@ -322,7 +399,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         log(f"round {r}/{cfg.rounds}: loss {losses[-1]:.6f}, coordinate spread "
             + ", ".join(f"{float(s):.2f}" for s in z.std(dim=0)) + f" Å, {time.time() - t0:.1f} s")
         if state_path:
-            _save_state(state_path, mm, z, cov, explained, r, signature, history)
+            _save_state(state_path, r, signature, history, **_stage_arrays(mm, z, cov, explained))
     if full.box != data.box and cfg.final_epochs > 0 and stage <= cfg.rounds:
         # the coordinates are settled; sharpen the model (and its maps) on the full-size images
         mm.base = base_parameters(mm.to_model(), full.pixel_size_A, device)
@@ -337,5 +414,6 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         history.append({"stage": cfg.rounds + 1, "seconds": time.time() - t0, "loss": losses[-1]})
         log(f"full-resolution refit and coordinates ({full.box} px): refit loss {losses[-1]:.6f}, {time.time() - t0:.1f} s")
         if state_path:
-            _save_state(state_path, mm, z, cov, explained, cfg.rounds + 1, signature, history)
+            _save_state(state_path, cfg.rounds + 1, signature, history,
+                        **_stage_arrays(mm, z, cov, explained))
     return HeterogeneityResult(mm, z.cpu().numpy(), np.asarray(explained), history, time.time() - t0)

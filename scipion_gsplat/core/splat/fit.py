@@ -161,21 +161,32 @@ def _save_checkpoint(path, params, optimizer, epoch, step, history, signature, e
                     "sigma_min_A": params.sigma_min_A, "elapsed": elapsed}, tmp)
 
 
-def _load_checkpoint(path, signature, device):
+def _load_checkpoint(path, signature, device, log=None):
+    """The checkpoint at ``path`` if it was computed from the same inputs and
+    settings (``signature``); else None, saying why in ``log``."""
     path = Path(path)
     if not path.exists():
         return None
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
+        theirs = ck.get("signature") or {}
     except Exception:  # a truncated or foreign file: start again
+        if log:
+            log(f"checkpoint {path} cannot be read; starting afresh")
         return None
-    return ck if ck.get("signature") == signature else None
+    if theirs == signature:
+        return ck
+    if log:
+        why = "from other inputs" if theirs.get("inputs") != signature.get("inputs") else "with other settings"
+        log(f"checkpoint {path} was computed {why}; starting afresh")
+    return None
 
 
 def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int = 0,
         pairs: Optional[np.ndarray] = None, checkpoint=None,
         progress: Optional[Callable[[int, int], None]] = None,
-        log: Optional[Callable[[str], None]] = None, calibrate: bool = True) -> FitResult:
+        log: Optional[Callable[[str], None]] = None, calibrate: bool = True,
+        inputs: Optional[str] = None) -> FitResult:
     """Fit ``model`` to ``data`` by minibatch Adam.
 
     Args:
@@ -185,10 +196,14 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             densification randomness.
         pairs: ``(P, 2)`` Gaussian index pairs for the bond term (needed when
             ``config.bond_weight > 0``; densification turns the term off).
-        checkpoint: file to write after every epoch and to resume from.
+        checkpoint: file to write after every epoch and to resume from; only a
+            checkpoint of the same ``inputs``, model size, seed and configuration
+            is resumed.
         progress: ``callback(steps_done, steps_total)``.
         log: ``callback(line)`` for one line per epoch.
         calibrate: rescale the initial amplitudes to the data first.
+        inputs: what the data and the initial model were computed from
+            (:func:`..safety.input_signature`: particle rows, stacks, options).
 
     Raises:
         FitDivergedError: NaN/inf loss or parameters.
@@ -205,9 +220,9 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         raise InputError("no particles to fit")
     steps_per_epoch = int(math.ceil(len(data) / config.batch))
     total_steps = steps_per_epoch * config.epochs
-    signature = {"n_particles": len(data), "n_init": len(model), "seed": seed,
+    signature = {"n_particles": len(data), "n_init": len(model), "seed": seed, "inputs": inputs,
                  "config": {k: v for k, v in asdict(config).items() if k != "time_limit_s"}}
-    ck = _load_checkpoint(checkpoint, signature, device) if checkpoint else None
+    ck = _load_checkpoint(checkpoint, signature, device, log) if checkpoint else None
     if ck is not None:
         params = SplatParameters.from_state(ck["raw"], ck["sigma_min_A"], names, device)
         optimizer = make_optimizer(params, lrs)

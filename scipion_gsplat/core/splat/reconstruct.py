@@ -14,8 +14,9 @@ and differ only by their independent sampling / ``perturb_A`` jitter.
 """
 from __future__ import annotations
 
+import hashlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,6 +26,7 @@ from ..fsc import fsc_curve, lowpass, resolution_at
 from ..io import ImageReader, InputError, ParticleStar, read_map
 from ..masks import mask_from_map
 from ..reconstruct import reconstruct_particles
+from ..safety import files_digest, input_signature
 from . import init as initial
 from .data import ParticleData
 from .fit import FitConfig, FitResult, fit
@@ -169,6 +171,21 @@ def initial_models(star: ParticleStar, spec: InitSpec, halves: bool, seed: int, 
     return models, pairs, notes
 
 
+def fit_inputs(star: ParticleStar, rows: np.ndarray, stack_files: list, spec: InitSpec, halves: bool,
+               use_ctf: bool, seed: int) -> str:
+    """What one fit is computed from (:func:`..safety.input_signature`): its
+    particle rows (every column), the image stacks (size, modification time) and
+    the options that make its data and initial model (init spec, its file and
+    mask, half sets, CTF, seed). A checkpoint of other inputs is not resumed."""
+    init = {k: v for k, v in asdict(spec).items() if k != "mask"}
+    init["file_digest"] = files_digest([spec.file]) if spec.file else None
+    init["mask_digest"] = (None if spec.mask is None else
+                           hashlib.sha256(np.ascontiguousarray(spec.mask, np.float32).tobytes()).hexdigest())
+    return input_signature(star.particles.iloc[rows], stack_files, init=init, halves=bool(halves),
+                           use_ctf=bool(use_ctf), seed=int(seed), box=star.box_size,
+                           pixel_size_A=star.pixel_size)
+
+
 def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, halves: bool = True,
                       seed: int = 0, device="cpu", use_ctf: bool = True,
                       checkpoint_dir=None, log: Optional[Callable[[str], None]] = None,
@@ -179,7 +196,8 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     Args:
         star: particles with poses (and CTF unless ``use_ctf=False``).
         halves: two independent fits (gold standard) instead of one.
-        checkpoint_dir: folder for ``checkpoint_half<k>.pt`` (resumable fits).
+        checkpoint_dir: folder for ``checkpoint_half<k>.pt`` (resumable fits;
+            a checkpoint computed from other inputs, :func:`fit_inputs`, starts afresh).
         progress_factory: ``label → callback(done, total)`` (e.g. ``Progress``).
         deadline: ``time.time()`` by which the fits must end; each fit gets an
             equal share of the time left (``config.time_limit_s`` is then ignored).
@@ -193,6 +211,7 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     reader.check()
     box, pix = star.box_size, star.pixel_size
     rows = half_rows(star, halves)
+    stacks = reader.stack_files()
     prog = progress_factory or (lambda label: None)
     datas = [ParticleData.from_star(star, r, device, use_ctf, reader=reader) for r in rows]
     models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
@@ -215,7 +234,8 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
                 log(f"{label}: time limit {share:.0f} s")
         fits.append(fit(model, data, cfg, seed=int(seed) * 2 + k, pairs=pr, checkpoint=ck,
                         progress=prog(f"fitting {label}"),
-                        log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None))
+                        log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None,
+                        inputs=fit_inputs(star, rows[k], stacks, spec, halves, use_ctf, seed)))
     half_models = [f.model for f in fits]
     maps = [m.to_map(box, pix, device=device) for m in half_models]
     if halves:
