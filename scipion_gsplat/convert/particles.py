@@ -23,7 +23,7 @@ import pandas as pd
 from pwem.objects import Coordinate, CTFModel, Particle, Transform
 from pyworkflow.object import Float, Integer, String
 
-from ..core.io import InputError, ParticleStar, parse_image_name, write_particles
+from ..core.io import SOURCE_ROW, InputError, ParticleStar, parse_image_name, write_particles
 from .alignment import matrix_to_relion, relion_to_matrix
 from .classes import is_classes, iter_particles, particle_class, particles_of, size_of
 from .optics import ATTR_OPTICS_GROUP, OpticsGrouper, acquisition_from, optics_to_string
@@ -77,7 +77,7 @@ def star_to_set(star: ParticleStar, part_set, stack_paths: dict) -> None:
     optics_groups = table["rlnOpticsGroup"].to_numpy(int)
     coords = _coordinates(table)
     classes = table["rlnClassNumber"].to_numpy(int) if "rlnClassNumber" in table else None
-    skip = set(CORE_COLUMNS) | set(star.optics.columns)
+    skip = set(CORE_COLUMNS) | set(star.optics.columns) | {SOURCE_ROW}
     extras = [(col, _attribute_type(table[col]), table[col].tolist()) for col in table.columns
               if col not in skip]
     if coords is not None and coords["exact"]:
