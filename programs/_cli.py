@@ -241,10 +241,3 @@ def read_posed_particles(args, need_ctf: bool = False, path: Optional[str] = Non
     if note:
         print(f"  {note}", flush=True)
     return star, reader
-
-
-def out_path(path: str) -> str:
-    """Create the parent folder of an output path and return it."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    return path
