@@ -6,9 +6,11 @@ Example::
     gsplat_simulate -i 1aki.pdb -o pair --hinge 'A/40-88' --hinge-angle 30 -n 4000
     gsplat_simulate -i 1aki.pdb -o comp --remove 'A/100-129' --populations 0.85,0.15
 
+    gsplat_simulate -i 1aki.pdb -o errs --pose-error 2 --shift-error 0.5   # realistic pose errors
+
 Writes ``particles.star`` (RELION 3.1), ``particles.mrcs``, ``truth_state<k>.mrc``,
-``state<k>.pdb`` and ``ground_truth.npz`` (per-particle state labels and motion
-parameters) into the output folder.
+``state<k>.pdb`` and ``ground_truth.npz`` (per-particle state labels, motion
+parameters, true poses and origins) into the output folder.
 """
 from __future__ import annotations
 
@@ -51,6 +53,12 @@ def add_args(parser) -> None:
     m.add_argument("--defocus-min", type=float, default=10000.0, help="Å")
     m.add_argument("--defocus-max", type=float, default=25000.0, help="Å")
     m.add_argument("--shift-sigma", type=float, default=2.0, help="σ of particle origins (Å)")
+    e = parser.add_argument_group("pose errors (the STAR file's poses; images use the true ones)")
+    e.add_argument("--pose-error", type=float, default=0.0,
+                   help="σ of a Gaussian error added to each Euler angle (degrees), as a consensus "
+                        "refinement leaves them: typical 1-3; the true poses are kept in ground_truth.npz")
+    e.add_argument("--shift-error", type=float, default=0.0,
+                   help="σ of a Gaussian error added to each origin (pixels); typical 0.3-1")
     m.add_argument("--blur", type=float, default=0.5, help="extra Gaussian blur of the maps (pixels)")
     m.add_argument("--density", choices=sim.DENSITY_MODELS, default="gemmi",
                    help="how maps are made from the structure: gemmi's electron form factors on the "
@@ -72,6 +80,8 @@ def main(args) -> None:
         raise InputError("--box must be an even number >= 16")
     if not args.snr > 0:
         raise InputError("--snr must be positive")
+    if args.pose_error < 0 or args.shift_error < 0:
+        raise InputError("--pose-error and --shift-error must be >= 0")
     rng = np.random.default_rng(args.seed)
     reference = struct.read_structure(args.input)
     states = sim.make_states(reference, remove=args.remove, hinge=args.hinge,
@@ -106,7 +116,8 @@ def main(args) -> None:
     print(f"gsplat_simulate: {len(states)} state(s), {args.n_particles} particles, "
           f"box {args.box} px at {args.angpix} Å, SNR {args.snr}", flush=True)
     star = sim.simulate_particles(maps, labels, acq, args.snr, args.output, rng, device=device,
-                                  progress=Progress("projecting"), parameters=params, parameters2=params2)
+                                  progress=Progress("projecting"), parameters=params, parameters2=params2,
+                                  pose_error_deg=args.pose_error, shift_error_px=args.shift_error)
     print(f"gsplat_simulate: wrote {star}", flush=True)
 
 

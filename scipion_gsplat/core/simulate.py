@@ -150,6 +150,27 @@ def random_particle_table(n: int, acq: Acquisition, rng: np.random.Generator,
     return optics, parts
 
 
+def perturb_poses(parts: pd.DataFrame, pose_error_deg: float, shift_error_px: float,
+                  pixel_size_A: float, rng: np.random.Generator) -> pd.DataFrame:
+    """The particle table with Gaussian pose errors, as a consensus refinement leaves them.
+
+    Each Euler angle (rot, tilt, psi) gets an independent error of σ
+    ``pose_error_deg`` degrees and each origin (x, y) one of σ ``shift_error_px``
+    pixels; angles are written back normalised (tilt in [0°, 180°]).
+    """
+    out = parts.copy()
+    n = len(out)
+    e = out[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
+    if pose_error_deg > 0:
+        e = matrix_to_euler(euler_to_matrix(*(e + rng.normal(0.0, pose_error_deg, (n, 3))).T))
+        out["rlnAngleRot"], out["rlnAngleTilt"], out["rlnAnglePsi"] = e[:, 0], e[:, 1], e[:, 2]
+    if shift_error_px > 0:
+        d = rng.normal(0.0, shift_error_px * pixel_size_A, (n, 2))
+        out["rlnOriginXAngst"] = out["rlnOriginXAngst"].to_numpy(float) + d[:, 0]
+        out["rlnOriginYAngst"] = out["rlnOriginYAngst"].to_numpy(float) + d[:, 1]
+    return out
+
+
 def _ctf_of(parts: pd.DataFrame, acq: Acquisition, rows) -> dict:
     p = parts.iloc[rows]
     return {"defocus_u_A": p["rlnDefocusU"].to_numpy(), "defocus_v_A": p["rlnDefocusV"].to_numpy(),
@@ -174,9 +195,11 @@ def simulate_particles(maps: Sequence[np.ndarray], labels: np.ndarray, acq: Acqu
                        snr: float, out_dir, rng: np.random.Generator, device: str = "cpu",
                        chunk: int = 512, progress: Optional[Callable[[int, int], None]] = None,
                        parameters: Optional[np.ndarray] = None,
-                       parameters2: Optional[np.ndarray] = None) -> Path:
+                       parameters2: Optional[np.ndarray] = None, pose_error_deg: float = 0.0,
+                       shift_error_px: float = 0.0) -> Path:
     """Write ``particles.star``, ``particles.mrcs``, ``truth_state<k>.mrc`` and
-    ``ground_truth.npz`` (labels, state parameters, noise σ) into ``out_dir``.
+    ``ground_truth.npz`` (labels, state parameters, noise σ, the true poses
+    ``true_angles_deg (N, 3)`` and origins ``true_origins_A (N, 2)``) into ``out_dir``.
 
     Args:
         maps: one ``[z, y, x]`` map per state.
@@ -185,6 +208,9 @@ def simulate_particles(maps: Sequence[np.ndarray], labels: np.ndarray, acq: Acqu
         parameters: ``(N,)`` motion parameter per particle (default: label).
         parameters2: ``(N,)`` second motion parameter (two-hinge sets), saved
             as ``parameters2`` when given.
+        pose_error_deg, shift_error_px: σ of the errors written into the STAR
+            file's poses (:func:`perturb_poses`); the images are made with the
+            true poses and are the same as without errors for the same seed.
 
     Returns:
         path of ``particles.star``.
@@ -209,7 +235,12 @@ def simulate_particles(maps: Sequence[np.ndarray], labels: np.ndarray, acq: Acqu
     for k, vol in enumerate(maps):
         write_map(out / f"truth_state{k + 1}.mrc", vol, acq.pixel_size_A)
     extra = {} if parameters2 is None else {"parameters2": np.asarray(parameters2, float)}
-    np.savez(out / "ground_truth.npz", labels=labels,
+    extra["true_angles_deg"] = parts[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(float)
+    extra["true_origins_A"] = parts[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    if pose_error_deg > 0 or shift_error_px > 0:
+        parts = perturb_poses(parts, pose_error_deg, shift_error_px, acq.pixel_size_A, rng)
+    np.savez(out / "ground_truth.npz", labels=labels, pose_error_deg=pose_error_deg,
+             shift_error_px=shift_error_px,
              parameters=labels.astype(float) if parameters is None else parameters,
              noise_sigma=sigma, signal_variance=signal_var, snr=snr,
              acquisition=json.dumps(asdict(acq)), **extra)
