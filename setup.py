@@ -3,7 +3,7 @@ GMM heterogeneity for Scipion 3."""
 from setuptools import find_packages, setup
 
 PROGRAMS = ["simulate", "reconstruct_fourier", "aligned_2d_classification", "graph_max_cut", "refine_classes",
-            "project", "reconstruct_splat", "gmm_heterogeneity", "cs2star", "star2cs"]
+            "project", "reconstruct_splat", "gmm_heterogeneity", "cs2star", "star2cs", "refine_poses"]
 
 setup(
     name="scipion-em-gsplat",

@@ -8,7 +8,11 @@ poses, origins, CTF, white noise):
 * ``two_hinges``: the same plus the N-terminal segment A/1-20 rotated
   independently (5 × 5 angles), 4000 particles, SNR 0.05;
 * ``composition``: residues A/100-129 absent from half of 4000 particles, SNR 0.05;
-* ``hinge_snr0.1``: ``hinge`` at SNR 0.1 (how the gap to the oracle changes with the information).
+* ``hinge_snr0.1``: ``hinge`` at SNR 0.1 (how the gap to the oracle changes with the information);
+* ``hinge_err2``: ``hinge`` with pose errors in the STAR file (``--pose-error 2 --shift-error 0.5``:
+  2° on each Euler angle, 0.5 px on each origin; same images), run with the poses fixed and refined
+  against the consensus (``--sigma-ang``/``--sigma-shift``); the table adds the RMS pose error of
+  the input and of the output particles.star against the true poses.
 
 Per run: |Spearman ρ| between each coordinate and the true motion parameter
 (the best component is reported; two hinges: the best component per hinge and
@@ -57,14 +61,21 @@ DATASETS = {
     "composition": (["--remove", "A/100-129", "--seed", 9], ["--amplitudes", "--motions", "1"]),
     # the same motion at twice the SNR: how the gap to the oracle changes with the information
     "hinge_snr0.1": (["--hinge", "A/40-88", "--hinge-angle", 40, "--n-states", 20, "--seed", 5, "--snr", 0.1], []),
+    # the hinge particles (same images) with 2° / 0.5 px errors on the poses of the STAR file
+    "hinge_err2": (["--hinge", "A/40-88", "--hinge-angle", 40, "--n-states", 20, "--seed", 5,
+                    "--pose-error", 2, "--shift-error", 0.5], []),
 }
-DEFAULT = ("default (4 motions, 4 rounds x 3 epochs, 40 px)", [])
+DEFAULT = ("default (4 motions, 3 rounds x 2 epochs, 40 px)", [])
 RUNS = {"hinge": [DEFAULT, ("1 motion, 6 rounds x 1 epoch, 64 px",
                             ["--motions", "1", "--rounds", "6", "--refit-epochs", "1", "--resize", "64"]),
                   ("4 motions + 2 rigid parts", ["--parts", "2"])],
         "two_hinges": [DEFAULT, ("4 motions + 3 rigid parts", ["--parts", "3"])],
         "composition": [("amplitudes, 1 motion", [])],
-        "hinge_snr0.1": [DEFAULT]}
+        "hinge_snr0.1": [DEFAULT],
+        "hinge_err2": [("poses fixed", ["--sigma-ang", "0", "--sigma-shift", "0"]),
+                       ("poses refined (search, 2° / 0.5 px prior)", ["--sigma-ang", "2", "--sigma-shift", "0.5"]),
+                       ("poses refined (gradient, 2° / 0.5 px prior)",
+                        ["--sigma-ang", "2", "--sigma-shift", "0.5", "--pose-method", "gradient"])]}
 
 
 def _code_digest() -> str:
@@ -108,6 +119,15 @@ def r2(z: np.ndarray, y: np.ndarray) -> float:
     return float(1.0 - np.var(y - x @ coef) / np.var(y))
 
 
+def pose_error(star_path: Path, truth) -> dict:
+    """RMS angular error (degrees) and RMS 2D origin error (pixels) of a STAR file's poses."""
+    from scipion_gsplat.core import geometry
+    from scipion_gsplat.core.poses.rotations import pose_errors
+    star = io.read_particles(star_path)
+    return pose_errors(star.poses(), geometry.euler_to_matrix(*truth["true_angles_deg"].T), star.shifts_A(),
+                       truth["true_origins_A"], star.pixel_size)
+
+
 def state_map_auc(sim: Path, out: Path, labels: np.ndarray, pix: float, box: int) -> tuple[float, float]:
     """Mean FSC AUC of the per-state maps (model at each state's median
     coordinates) and of the consensus map against the true state maps."""
@@ -126,11 +146,16 @@ def oracle_rho(sim: Path, n_states: int, params: np.ndarray) -> float:
     """|ρ| of the posterior-mean state under template matching with the true maps."""
     star = io.read_particles(sim / "particles.star")
     imgs = io.ImageReader(star).read(np.arange(len(star)))
-    noise = float(np.load(sim / "ground_truth.npz")["noise_sigma"]) ** 2
+    truth = np.load(sim / "ground_truth.npz")
+    noise = float(truth["noise_sigma"]) ** 2
+    poses, shifts = star.poses(), star.shifts_A()
+    if "true_angles_deg" in truth:  # the oracle knows the true poses
+        from scipion_gsplat.core import geometry
+        poses, shifts = geometry.euler_to_matrix(*truth["true_angles_deg"].T), truth["true_origins_A"]
     loss = np.zeros((len(star), n_states))
     for s in range(n_states):
         vol, pix = io.read_map(sim / f"truth_state{s + 1}.mrc")
-        proj = fourier.project(vol, star.poses(), pix, star.shifts_A(), star.ctf_params())
+        proj = fourier.project(vol, poses, pix, shifts, star.ctf_params())
         loss[:, s] = ((proj - imgs) ** 2).sum(axis=(1, 2))
     p = np.exp(-(loss - loss.min(1, keepdims=True)) / (2 * noise))
     p /= p.sum(1, keepdims=True)
@@ -200,6 +225,9 @@ def benchmark(name: str, out: Path, threads: int, drgn_epochs: int, reuse: bool 
             row["r2"] = (r2(z, params), r2(z, p2))
             row["components"] = (int(np.argmax([rho(z[:, k], params) for k in range(z.shape[1])])) + 1,
                                  int(np.argmax([rho(z[:, k], p2) for k in range(z.shape[1])])) + 1)
+        if "true_angles_deg" in truth:
+            row["pose_error"] = (pose_error(sim / "particles.star", truth),
+                                 pose_error(folder / "particles.star", truth))
         if name == "composition":
             from sklearn.mixture import GaussianMixture
             gm = GaussianMixture(2, random_state=0).fit(z[:, :1])
@@ -239,6 +267,10 @@ def print_table(name: str, rows: list) -> None:
                   f"R² of each angle on all coordinates {r['r2'][0]:.3f}, {r['r2'][1]:.3f}")
         if r.get("rho_by_epoch"):
             print(f"{'':<4}|ρ| after each epoch: " + ", ".join(f"{v:.3f}" for v in r["rho_by_epoch"]))
+        if "pose_error" in r:
+            a, b = r["pose_error"]
+            print(f"{'':<4}pose error (RMS) {a['rms_angle_deg']:.2f}° / {a['rms_shift_px']:.2f} px in the input → "
+                  f"{b['rms_angle_deg']:.2f}° / {b['rms_shift_px']:.2f} px in the output")
         if "accuracy" in r:
             print(f"{'':<4}two-class accuracy (GMM on the coordinate) {r['accuracy']:.3f}")
 

@@ -6,24 +6,38 @@ Simulated lysozyme (1AKI) sets, 64 px at 1.5 Å, random poses, CTF:
 * compositional: residues 106-129 (~18 % of the mass) removed, 85/15, SNR 0.02;
 * subtle: residues 120-126 (~5 % of the mass) removed, 60/40, SNR 0.1, 0.05 and 0.02.
 
+Pose-error variants (``--pose-errors 1 2``): the same particles (same seed, the
+images are byte-identical) with Gaussian errors of σ 1° or 2° on each Euler
+angle and 0.5 px on each origin (x and y) in the STAR file, named
+``<set>_err<σ>`` (e.g. ``subtle_0.1_err2``), as a consensus refinement leaves them.
+
 For each set: our modes (graph as in the thesis; graph; graph + 3D refinement;
-3D-pooled; both with consensus), ``relion_refine --skip_align --K 2
---tau2_fudge 4 --iter 25`` (Debian RELION 3.1, several seeds, 2 threads) and the
-oracle (each particle assigned with the two true maps at its true pose and CTF).
-Reported: accuracy (up to the swap of labels), adjusted Rand index (on
-unbalanced sets all-in-one-class scores ARI 0 but accuracy = majority
-fraction), wall time. A second part times max-cut solvers on planted graphs.
+3D-pooled; both with consensus) at their defaults and, on pose-error sets, with
+fixed poses (``--sigma-ang 0``, where the program has the option; with
+``--our-sigma-ang X`` also with ``--sigma-ang X``); ``relion_refine --K 2
+--tau2_fudge 4 --iter 25`` (Debian RELION 3.1, 2 threads) with ``--skip_align``
+(several seeds) and, on pose-error sets, with local searches (``--healpix_order 4
+--sigma_ang 2 --offset_range 2 --offset_step 1``, ``--relion-local-seeds``), both
+from ``relion_reconstruct`` of the STAR file; and the oracle (each particle
+assigned with the two true maps at its TRUE pose and CTF). Reported: accuracy (up
+to the swap of labels), adjusted Rand index (on unbalanced sets all-in-one-class
+scores ARI 0 but accuracy = majority fraction), wall time, the pose error of each
+output STAR file against the truth (RMS rotation angle in degrees / RMS 2D
+shift in pixels) and the speed ratio against RELION with local searches. RELION
+results are cached in ``<out>/<set>_<N>/results/relion_*`` (``seconds.txt`` =
+wall time) and reused; ``--relion-only`` runs just them (e.g. in the background
+with ``nice -n 10``). A second part times max-cut solvers on planted graphs.
 
 Usage::
 
     python benchmarks/split_volume_vs_relion.py [--sizes 4000 20000] [--relion-seeds 1 2 3]
-        [--sets conformational compositional subtle_0.1 ...] [--maxcut-only] [--out DIR]
+        [--sets conformational compositional subtle_0.1 ...] [--pose-errors 0 1 2] [--modes both pooled]
+        [--relion-local-seeds 1] [--relion-only] [--maxcut-only] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +47,8 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from scipion_gsplat.core import fourier, io
+import relion_reference as rr
+from scipion_gsplat.core import fourier, geometry, io
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -46,11 +61,13 @@ SETS = {
 }
 
 
-def run(cmd, cwd=None, log=None) -> float:
-    t0 = time.perf_counter()
-    with open(log or os.devnull, "w") as fh:
-        subprocess.run([str(c) for c in cmd], cwd=cwd, check=True, stdout=fh, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
+run = rr.run
+SHIFT_ERROR_PX = 0.5
+
+
+def set_name(name: str, pose_error: float) -> str:
+    """``subtle_0.1`` / ``subtle_0.1_err2`` (pose error σ in degrees per Euler angle)."""
+    return name if not pose_error else f"{name}_err{pose_error:g}"
 
 
 def score(labels, truth) -> dict:
@@ -64,19 +81,43 @@ def classes(star_path) -> np.ndarray:
 
 
 def oracle(sim: Path) -> np.ndarray:
+    """Each particle assigned with the two true maps at its true pose, origin and CTF."""
     star = io.read_particles(sim / "particles.star")
+    g = np.load(sim / "ground_truth.npz")
+    if "true_angles_deg" in g:
+        poses, shifts = geometry.euler_to_matrix(*g["true_angles_deg"].T), g["true_origins_A"]
+    else:
+        poses, shifts = star.poses(), star.shifts_A()
     reader = io.ImageReader(star)
     err = np.zeros((len(star), 2))
     maps = [io.read_map(sim / f"truth_state{k}.mrc")[0] for k in (1, 2)]
     for rows, imgs in reader.chunks(1000):
         sub = star.subset(rows)
         for k, vol in enumerate(maps):
-            proj = fourier.project(vol, sub.poses(), star.pixel_size, sub.shifts_A(), sub.ctf_params())
+            proj = fourier.project(vol, poses[rows], star.pixel_size, shifts[rows], sub.ctf_params())
             err[rows, k] = ((imgs - proj) ** 2).sum((1, 2))
     return np.where(err[:, 0] <= err[:, 1], 1, 2)
 
 
-def ours(sim: Path, work: Path, log_dir: Path) -> list:
+_HELP = {}
+
+
+def has_option(program: str, option: str) -> bool:
+    """Whether ``program --help`` lists ``option`` (checked once per program)."""
+    if program not in _HELP:
+        res = subprocess.run([str(BIN / program), "--help"], capture_output=True, text=True)
+        _HELP[program] = res.stdout + res.stderr
+    return option in _HELP[program]
+
+
+MODES = ("graph", "refine", "pooled", "both")
+
+
+def ours(sim: Path, work: Path, log_dir: Path, pose_variants: list, modes=MODES) -> list:
+    """Our modes (``modes``: graph = thesis and coordinate-weight graph splits,
+    refine = graph + 3D refinement, pooled, both = both with consensus, the
+    protocol's default); ``pose_variants``: ``[(tag, extra refine_classes
+    options)]``, the first with ``tag`` '' (defaults). Returns ``[(method, folder, seconds)]``."""
     star = sim / "particles.star"
     t_cls = run([BIN / "gsplat_aligned_2d_classification", "-i", star, "-o", work / "cls"],
                 log=log_dir / "cls.log")
@@ -84,68 +125,127 @@ def ours(sim: Path, work: Path, log_dir: Path) -> list:
                     work / "thesis", "--weights", "llr"], log=log_dir / "thesis.log")
     t_graph = run([BIN / "gsplat_graph_max_cut", "-i", work / "cls", "--particles", star, "-o",
                    work / "graph"], log=log_dir / "graph.log")
-    t_gref = run([BIN / "gsplat_refine_classes", "-i", work / "graph" / "particles.star", "-o",
-                  work / "graph_refine", "--init", "column"], log=log_dir / "graph_refine.log")
-    t_pool = run([BIN / "gsplat_refine_classes", "-i", star, "-o", work / "pooled", "--init", "pooled"],
-                 log=log_dir / "pooled.log")
-    t_both = run([BIN / "gsplat_refine_classes", "-i", work / "graph" / "particles.star", "-o",
-                  work / "both", "--init", "both"], log=log_dir / "both.log")
-    return [("ours: graph (thesis, λ weights)", work / "thesis", t_cls + t_thesis),
-            ("ours: graph (coordinate weights)", work / "graph", t_cls + t_graph),
-            ("ours: graph + 3D refinement", work / "graph_refine", t_cls + t_graph + t_gref),
-            ("ours: 3D-pooled", work / "pooled", t_pool),
-            ("ours: both with consensus", work / "both", t_cls + t_graph + t_both)]
+    out = []
+    if "graph" in modes:
+        out += [("ours: graph (thesis, λ weights)", work / "thesis", t_cls + t_thesis),
+                ("ours: graph (coordinate weights)", work / "graph", t_cls + t_graph)]
+    for tag, extra in pose_variants:
+        sfx = f"_{tag.replace(' ', '').replace('--', '').replace('-', '_')}" if tag else ""
+        label = f" [{tag}]" if tag else ""
+        if "refine" in modes:
+            t_gref = run([BIN / "gsplat_refine_classes", "-i", work / "graph" / "particles.star", "-o",
+                          work / f"graph_refine{sfx}", "--init", "column"] + extra,
+                         log=log_dir / f"graph_refine{sfx}.log")
+            out.append((f"ours: graph + 3D refinement{label}", work / f"graph_refine{sfx}",
+                        t_cls + t_graph + t_gref))
+        if "pooled" in modes:
+            t_pool = run([BIN / "gsplat_refine_classes", "-i", star, "-o", work / f"pooled{sfx}", "--init",
+                          "pooled"] + extra, log=log_dir / f"pooled{sfx}.log")
+            out.append((f"ours: 3D-pooled{label}", work / f"pooled{sfx}", t_pool))
+        if "both" in modes:
+            t_both = run([BIN / "gsplat_refine_classes", "-i", work / "graph" / "particles.star", "-o",
+                          work / f"both{sfx}", "--init", "both"] + extra, log=log_dir / f"both{sfx}.log")
+            out.append((f"ours: both with consensus{label}", work / f"both{sfx}", t_cls + t_graph + t_both))
+    return out
 
 
-def relion(sim: Path, work: Path, seed: int) -> tuple[Path, float]:
-    out = work / f"relion_seed{seed}"
-    done = out / "run_it025_data.star"
-    timing = out / "seconds.txt"
-    if done.exists() and timing.exists():
-        return done, float(timing.read_text())
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    if not (work / "consensus.mrc").exists():
-        run(["relion_reconstruct", "--i", sim / "particles.star", "--o", work / "consensus.mrc", "--ctf"],
-            cwd=sim)
-    t = run(["relion_refine", "--i", "particles.star", "--o", out / "run", "--ref", work / "consensus.mrc",
-             "--ini_high", 15, "--K", 2, "--iter", 25, "--tau2_fudge", 4, "--skip_align", "--ctf",
-             "--particle_diameter", 70, "--zero_mask", "--flatten_solvent", "--pad", 2, "--j", 2,
-             "--random_seed", seed], cwd=sim, log=out / "log.txt")
-    timing.write_text(f"{t:.2f}")
-    return done, t
+def pose_variants(pose_error: float, our_sigma_ang) -> list:
+    """Our refine_classes runs on a set: defaults and, with pose errors, fixed poses
+    (``--sigma-ang 0``) and ``--sigma-ang X``, when the program has the option."""
+    variants = [("", [])]
+    if not pose_error:
+        return variants
+    if not has_option("gsplat_refine_classes", "--sigma-ang"):
+        print("note: gsplat_refine_classes has no --sigma-ang yet: only its defaults are run", flush=True)
+        return variants
+    variants.append(("--sigma-ang 0", ["--sigma-ang", "0"]))
+    if our_sigma_ang is not None:
+        variants.append((f"--sigma-ang {our_sigma_ang:g}", ["--sigma-ang", f"{our_sigma_ang:g}"]))
+    return variants
+
+
+def relion_references(sim: Path, work: Path, args, pose_error: float) -> list:
+    """RELION runs on one set (cached): ``[(method, data.star, seconds, local)]``."""
+    ref, t_rec = rr.reconstruct(sim, work / "relion_consensus")
+    print(f"  relion_reconstruct (consensus for RELION, {sim.name}): {t_rec:.0f} s", flush=True)
+    out = []
+    for seed in args.relion_seeds:
+        star, t = rr.class3d(sim, work / f"relion_seed{seed}", ref, seed, local=False, threads=args.relion_threads)
+        out.append((f"relion_refine K=2 --skip_align seed {seed}", star, t, False))
+        print(f"  {out[-1][0]} ({sim.name}): {t:.0f} s", flush=True)
+    if pose_error:
+        for seed in args.relion_local_seeds:
+            star, t = rr.class3d(sim, work / f"relion_local_seed{seed}", ref, seed, local=True,
+                                 threads=args.relion_threads)
+            out.append((f"relion_refine K=2 local search seed {seed}", star, t, True))
+            print(f"  {out[-1][0]} ({sim.name}): {t:.0f} s", flush=True)
+    return out
+
+
+def simulate(sim: Path, n: int, spec: dict, pose_error: float) -> None:
+    """The set, made once (seed from N: the pose-error variants have the same particles)."""
+    if (sim / "particles.star").exists():
+        return
+    errors = ["--pose-error", pose_error, "--shift-error", SHIFT_ERROR_PX] if pose_error else []
+    run([BIN / "gsplat_simulate", "-i", REPO / "tests/data/1aki.pdb", "-o", sim, "-n", n,
+         "--box", 64, "--angpix", 1.5, "--snr", spec["snr"], "--populations", spec["pops"],
+         "--seed", 100 + n % 97, "--device", "cpu"] + spec["args"] + errors)
 
 
 def classification_table(args) -> list:
     rows = []
     for n in args.sizes:
         for name in args.sets:
-            spec = SETS[name]
-            sim = Path(args.out) / f"{name}_{n}"
-            if not (sim / "particles.star").exists():
-                run([BIN / "gsplat_simulate", "-i", REPO / "tests/data/1aki.pdb", "-o", sim, "-n", n,
-                     "--box", 64, "--angpix", 1.5, "--snr", spec["snr"], "--populations", spec["pops"],
-                     "--seed", 100 + n % 97, "--device", "cpu"] + spec["args"])
-            truth = np.load(sim / "ground_truth.npz")["labels"]
-            work = sim / "results"
-            logs = work / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            base = {"set": name, "particles": n}
-            for method, folder, t in ours(sim, work, logs):
-                rows.append({**base, "method": method, "time_s": t,
-                             **score(classes(folder / "particles.star"), truth)})
+            for pe in args.pose_errors:
+                spec, label = SETS[name], set_name(name, pe)
+                sim = Path(args.out) / f"{label}_{n}"
+                simulate(sim, n, spec, pe)
+                truth = np.load(sim / "ground_truth.npz")["labels"]
+                work = sim / "results"
+                logs = work / "logs"
+                logs.mkdir(parents=True, exist_ok=True)
+                base = {"set": label, "particles": n}
+                refs = (relion_references(sim, work, args, pe)
+                        if args.relion_seeds or (pe and args.relion_local_seeds) else [])
+                if args.relion_only:
+                    continue
+                rows.append({**base, "method": "input poses (STAR file)", "time_s": 0.0,
+                             **score(np.ones(n, int), truth), "pose": rr.pose_errors(sim / "particles.star", sim)})
+                for method, folder, t in ours(sim, work, logs, pose_variants(pe, args.our_sigma_ang), args.modes):
+                    rows.append({**base, "method": method, "time_s": t,
+                                 **score(classes(folder / "particles.star"), truth),
+                                 "pose": rr.pose_errors(folder / "particles.star", sim)})
+                    print(rows[-1], flush=True)
+                for method, star, t, local in refs:
+                    rows.append({**base, "method": method, "time_s": t, "relion_local": local,
+                                 **score(rr.classes(star, sim), truth), "pose": rr.pose_errors(star, sim)})
+                    print(rows[-1], flush=True)
+                t0 = time.perf_counter()
+                rows.append({**base, "method": "oracle (true maps, poses, CTF)",
+                             **score(oracle(sim), truth), "time_s": time.perf_counter() - t0})
                 print(rows[-1], flush=True)
-            for seed in args.relion_seeds:
-                star, t = relion(sim, work, seed)
-                import starfile
-                rel = starfile.read(star)["particles"]["rlnClassNumber"].to_numpy(int)
-                rows.append({**base, "method": f"relion_refine K=2 seed {seed}", "time_s": t, **score(rel, truth)})
-                print(rows[-1], flush=True)
-            t0 = time.perf_counter()
-            rows.append({**base, "method": "oracle (true maps, poses, CTF)",
-                         "time_s": time.perf_counter() - t0, **score(oracle(sim), truth)})
-            print(rows[-1], flush=True)
     return rows
+
+
+def print_classification(rows: list) -> None:
+    print(f"\n{'set':<22} {'N':>6}  {'method':<52} {'accuracy':>8} {'ARI':>6} {'time s':>8} "
+          f"{'pose error RMS (median)':>26}")
+    for r in rows:
+        print(f"{r['set']:<22} {r['particles']:>6}  {r['method']:<52} {r['accuracy']:>8.4f} "
+              f"{r['ari']:>6.3f} {r['time_s']:>8.1f} {rr.format_pose_errors(r.get('pose')):>26}")
+    print("\nbest of ours vs best RELION (ARI) and speed ratios (RELION run time / ours):")
+    for key in sorted({(r["set"], r["particles"]) for r in rows}):
+        rs = [r for r in rows if (r["set"], r["particles"]) == key]
+        mine = max((r for r in rs if r["method"].startswith("ours")), key=lambda r: r["ari"])
+        line = f"  {key[0]:<22} {key[1]:>6}: ours {mine['method'][6:]} ARI {mine['ari']:.3f}"
+        for tag, sel in (("--skip_align", lambda r: r.get("relion_local") is False),
+                         ("local search", lambda r: r.get("relion_local") is True)):
+            rel = [r for r in rs if sel(r)]
+            if rel:
+                best = max(rel, key=lambda r: r["ari"])
+                line += (f"; RELION {tag} {best['ari']:.3f} (ΔARI {mine['ari'] - best['ari']:+.3f}, "
+                         f"ours {best['time_s'] / mine['time_s']:.1f}× faster)")
+        print(line)
 
 
 def planted_graph(d: int, noise: float, seed: int):
@@ -191,7 +291,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[4000, 20000])
     ap.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    ap.add_argument("--relion-seeds", type=int, nargs="*", default=[1, 2, 3])
+    ap.add_argument("--pose-errors", type=float, nargs="+", default=[0.0, 1.0, 2.0],
+                    help="σ of the pose error per Euler angle (degrees) of each variant of every set "
+                         f"(0: exact poses; others add a {SHIFT_ERROR_PX} px origin error)")
+    ap.add_argument("--relion-seeds", type=int, nargs="*", default=[1, 2, 3],
+                    help="seeds of RELION Class3D --skip_align")
+    ap.add_argument("--relion-local-seeds", type=int, nargs="*", default=[1],
+                    help="seeds of RELION Class3D with local searches (pose-error sets only; slow)")
+    ap.add_argument("--relion-threads", type=int, default=2, help="relion_refine --j")
+    ap.add_argument("--relion-only", action="store_true",
+                    help="make the sets and run (or find cached) RELION references only")
+    ap.add_argument("--our-sigma-ang", type=float, default=None,
+                    help="also run our refine_classes modes with this --sigma-ang (degrees)")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                    help="our modes to run (both = the protocol's default, both with consensus)")
     ap.add_argument("--maxcut-only", action="store_true")
     ap.add_argument("--no-maxcut", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "output" / "split_volume"))
@@ -199,29 +312,17 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = {}
     if not args.maxcut_only:
-        if shutil.which("relion_refine") is None and args.relion_seeds:
+        if shutil.which("relion_refine") is None and (args.relion_seeds or args.relion_local_seeds):
             print("relion_refine not found: apt-get install relion", file=sys.stderr)
             return 1
         results["classification"] = classification_table(args)
+        if args.relion_only:
+            return 0
     if not args.no_maxcut:
         results["maxcut"] = maxcut_table()
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str))
     if "classification" in results:
-        print(f"\n{'set':<15} {'N':>6}  {'method':<36} {'accuracy':>8} {'ARI':>6} {'time s':>8}")
-        for r in results["classification"]:
-            print(f"{r['set']:<15} {r['particles']:>6}  {r['method']:<36} {r['accuracy']:>8.4f} "
-                  f"{r['ari']:>6.3f} {r['time_s']:>8.1f}")
-        print("\nbest of ours vs best RELION seed (ARI) and speed ratio (RELION best-seed time / ours):")
-        keys = sorted({(r["set"], r["particles"]) for r in results["classification"]})
-        for key in keys:
-            rs = [r for r in results["classification"] if (r["set"], r["particles"]) == key]
-            mine = max((r for r in rs if r["method"].startswith("ours")), key=lambda r: r["ari"])
-            rel = [r for r in rs if r["method"].startswith("relion")]
-            if rel:
-                best = max(rel, key=lambda r: r["ari"])
-                print(f"  {key[0]:<15} {key[1]:>6}: ours {mine['method'][6:]} ARI {mine['ari']:.3f} vs "
-                      f"RELION {best['ari']:.3f} (ΔARI {mine['ari'] - best['ari']:+.3f}); "
-                      f"{best['time_s'] / mine['time_s']:.1f}× faster")
+        print_classification(results["classification"])
     if "maxcut" in results:
         print("\nmax-cut on planted graphs (±1 weights + Gaussian noise σ = 1, ~10 neighbours per node):")
         print(f"{'D':>6} {'method':<24} {'time s':>8} {'recovered':>9} {'objective':>10} {'deterministic':>13}")

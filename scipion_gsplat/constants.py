@@ -10,3 +10,6 @@ ATTR_CLASS_NUMBER = "_rlnClassNumber"
 ATTR_CLASS_PROB = "_gsplatClassProbability"   # probability of the assigned class
 ATTR_SCORE = "_gsplatScore"                   # log-odds of class 1 vs class 2 (split volume)
 ATTR_COORDINATE = "_gsplatCoordinate{}"       # coordinate along eigen-motion k (GMM heterogeneity), Å
+ATTR_ANGLE_CHANGE = "_gsplatAngleChange"      # rotation of a refined pose from the input pose, degrees
+ATTR_ANGULAR_SD = "_gsplatAngularSD"          # posterior SD of a refined rotation, degrees per axis
+ATTR_SHIFT_SD = "_gsplatShiftSD"              # posterior SD of a refined origin, pixels per axis

@@ -198,6 +198,21 @@ def test_deconvolved_prior_gives_better_coordinates_than_one_gaussian():
     assert abs(float(prior.weights @ prior.means[:, 1]) - 0.8 / 3) < 0.05
 
 
+def test_small_cholesky_inverse_matches_lapack_and_refuses_indefinite_matrices():
+    """The element-wise Cholesky of the deconvolution (a stack of small SPD
+    matrices) gives LAPACK's inverses and log-determinants, exactly symmetric."""
+    from scipion_gsplat.core.heterogeneity.deconvolution import _small_cholesky_inverse
+    a = np.random.default_rng(3).normal(size=(50, 3, 5, 5))
+    a = a @ np.swapaxes(a, -1, -2) + 0.1 * np.eye(5)
+    inv, logdet = _small_cholesky_inverse(a)
+    np.testing.assert_allclose(inv, np.linalg.inv(a), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(logdet, np.linalg.slogdet(a)[1], rtol=1e-10, atol=1e-10)
+    assert (inv == np.swapaxes(inv, -1, -2)).all()
+    a[7, 1] = -np.eye(5)
+    with pytest.raises(np.linalg.LinAlgError):
+        _small_cholesky_inverse(a)
+
+
 def test_posterior_covariances_are_calibrated_for_a_gaussian_population():
     """Where the population is what the prior can be (one Gaussian), each
     posterior's covariance matches its error: ``E[eᵀC⁻¹e] = D`` (here 2)."""
@@ -218,9 +233,9 @@ def test_posterior_covariances_are_calibrated_for_a_gaussian_population():
 def test_refit_epochs_default_depends_on_the_kind_of_motion():
     from scipion_gsplat.core.heterogeneity.pipeline import (REFIT_EPOCHS, REFIT_EPOCHS_AMPLITUDES,
                                                             HeterogeneityConfig, epochs_per_refit)
-    assert epochs_per_refit(HeterogeneityConfig()) == REFIT_EPOCHS == 3
+    assert epochs_per_refit(HeterogeneityConfig()) == REFIT_EPOCHS == 2
     assert epochs_per_refit(HeterogeneityConfig(amplitudes=True)) == REFIT_EPOCHS_AMPLITUDES == 1
-    assert epochs_per_refit(HeterogeneityConfig(amplitudes=True, refit_epochs=2)) == 2
+    assert epochs_per_refit(HeterogeneityConfig(amplitudes=True, refit_epochs=3)) == 3
     assert epochs_per_refit(HeterogeneityConfig(refit_epochs=0)) == 0
 
 

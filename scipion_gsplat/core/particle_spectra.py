@@ -48,6 +48,24 @@ def fourier_crop(spectra: torch.Tensor, box: int, new_box: int) -> torch.Tensor:
     return spectra[:, rows, : h + 1] * (new_box / box) ** 2
 
 
+def fourier_crop_map(volume: np.ndarray, new_box: int) -> np.ndarray:
+    """A map ``[z, y, x]`` (box ``n``) Fourier-cropped to ``new_box`` (pixel
+    ``× n / new_box``), float32: the reference on the grid of :func:`load_spectra`'s
+    ``new_box``, scaled by ``(new_box/n)²`` so that its projections (sums over
+    ``new_box`` voxels) match the particles Fourier-cropped by :func:`fourier_crop`
+    (which keep their real-space amplitudes)."""
+    vol = np.asarray(volume, np.float32)
+    n = vol.shape[-1]
+    if new_box == n:
+        return vol
+    if new_box > n:
+        raise InputError(f"cannot crop a {n}-px map to {new_box} px")
+    from .fourier import crop_to
+    ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(torch.from_numpy(vol))))
+    small = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(crop_to(ft, new_box, 3)))).real
+    return (small.numpy() * (new_box / n) ** 2).astype(np.float32)
+
+
 def centred_spectra_chunks(star: ParticleStar, reader: ImageReader, new_box: int, device="cpu",
                            chunk: int = 512, with_ctf: bool = True):
     """Yield ``(rows, spectra, ctf)`` per chunk: origin-corrected rffts cropped to
@@ -132,3 +150,18 @@ def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> tor
     reps = values.numel() // shells.numel()
     return total / (count * reps).clamp(min=1)
 
+
+def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 512) -> np.ndarray:
+    """Image noise power per shell ``σ²(s)`` (``(box//2+1,)``, float64) from the
+    residuals ``X − CTF·P·consensus`` of every particle (consensus: ``[z, y, x]``
+    map at ``data.box``)."""
+    shells = data.shells()
+    n_shells = data.box // 2 + 1
+    total = torch.zeros(n_shells, dtype=torch.float64, device=data.device)
+    rows = np.arange(len(data))
+    for r, proj in data.project(consensus, rows, batch):
+        idx = torch.as_tensor(r, device=data.device)
+        res = data.spectra[idx] - data.ctf[idx] * proj
+        total += shell_mean((res.abs() ** 2).double(), shells, n_shells) * len(r)
+    sigma2 = (total / len(rows)).cpu().numpy()
+    return np.maximum(sigma2, 1e-12 * max(sigma2.max(), 1e-30))

@@ -4,3 +4,4 @@ from .protocol_reconstruct_fourier import ProtGsplatReconstructFourier
 from .protocol_reconstruct_splat import ProtGsplatReconstructSplat
 from .protocol_split_volume import ProtGsplatSplitVolume
 from .protocol_gmm_heterogeneity import ProtGsplatGmmHeterogeneity
+from .protocol_refine_poses import ProtGsplatRefinePoses

@@ -77,6 +77,35 @@ class GsplatProgramMixin:
                 out.append(part)
         return out
 
+    def _refinedParticles(self, star_path: str):
+        """The input particles with the refined poses of a program's ``particles.star``
+        (rows matched by rlnImageId), and the pose change and, where written, the
+        posterior SDs as attributes (``_gsplatAngleChange``, ``_gsplatAngularSD``,
+        ``_gsplatShiftSD``)."""
+        from pyworkflow.object import Float
+        from ..constants import ATTR_ANGLE_CHANGE, ATTR_ANGULAR_SD, ATTR_SHIFT_SD
+        from ..convert.alignment import relion_to_matrix
+        from ..core import io
+        pix = self._inputImages().getSamplingRate()
+        table = io.read_particles(star_path).particles
+        pose = table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst",
+                      "rlnOriginYAngst"]].to_numpy(float)
+        extra = {attr: table[col].to_numpy(float) for col, attr in
+                 (("rlnGsplatAngleChange", ATTR_ANGLE_CHANGE), ("rlnGsplatAngularSD", ATTR_ANGULAR_SD),
+                  ("rlnGsplatShiftSD", ATTR_SHIFT_SD)) if col in table}
+        where = {int(i): k for k, i in enumerate(table["rlnImageId"])}
+
+        def annotate(item, row=None):
+            k = where.get(item.getObjId())
+            if k is None:
+                return False
+            rot, tilt, psi, ox, oy = pose[k]
+            item.getTransform().setMatrix(relion_to_matrix(rot, tilt, psi, ox / pix, oy / pix))
+            for attr, values in extra.items():
+                setattr(item, attr, Float(float(values[k])))
+
+        return self._copyInputParticles(annotate)
+
     def _classOutputs(self, labels: dict, maps: dict, halves: bool, annotate=None, suffix: str = ""):
         """SetOfClasses3D, SetOfVolumes and SetOfFSCs of a classification.
 

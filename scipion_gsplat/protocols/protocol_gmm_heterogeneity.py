@@ -10,6 +10,7 @@ from pyworkflow.object import Float
 
 from ..constants import ATTR_COORDINATE
 from ..convert import set_particle_class
+from ..convert.alignment import relion_to_matrix
 from ..core import io
 from .base import GsplatProgramMixin
 
@@ -24,7 +25,7 @@ def gaussian_model_of(atom_struct) -> str:
 
 
 class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
-    """Continuous (and compositional) heterogeneity with a Gaussian model (seed 004).
+    """Continuous (and compositional) heterogeneity with a Gaussian model (after Chen & Ludtke).
 
     A consensus Gaussian model is fitted to the particles; the gradient of each
     particle's data-fit loss with respect to the Gaussian positions (and
@@ -54,8 +55,23 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                       condition=f"consensusType=={CONSENSUS_MODEL}", label="Gaussian model")
         form.addParam("nGaussians", params.IntParam, default=1000, validators=[params.Positive],
                       condition=f"consensusType!={CONSENSUS_MODEL}", label="Number of Gaussians")
-        form.addParam("consensusEpochs", params.IntParam, default=4, validators=[params.GE(0)],
-                      label="Consensus fitting epochs", help="Fit the consensus to these particles first.")
+        form.addParam("consensusEpochs", params.IntParam, default=1, validators=[params.GE(0)],
+                      label="Consensus fitting epochs",
+                      help="Fit the consensus to these particles first (the refinement rounds refit it "
+                           "anyway; 1-2 is enough: 4000-particle hinge |ρ| 0.959 with 1, 0.961 with 2).")
+        form.addParam("sigmaAng", params.FloatParam, default=0.0, validators=[params.GE(0)],
+                      label="Pose refinement: angular error (deg)",
+                      help="Expected error of the input poses (σ of each rotation, degrees; typically 1-3 after "
+                           "a consensus refinement). Each particle's pose is refined locally against the consensus "
+                           "(within about 3σ) before the motions are estimated, and every later stage uses the "
+                           "refined poses; the output particles carry them. 0 (with a shift error of 0): the "
+                           "poses are used as given. Measured on a 4000-particle hinge (SNR 0.05): with 2° / "
+                           "0.5 px errors in the input, 2° / 0.5 px raised |ρ| 0.932 → 0.941 for ~15 % more "
+                           "time; on exact poses it lowered |ρ| 0.961 → 0.949, so it is off by default.")
+        form.addParam("sigmaShift", params.FloatParam, default=0.0, validators=[params.GE(0)],
+                      label="Pose refinement: shift error (px)",
+                      help="Expected error of the input origins (σ per axis, pixels; typically 0.3-1). "
+                           "0: origins used as given.")
         form.addSection(label="Motions")
         form.addParam("nMotions", params.IntParam, default=4, validators=[params.Positive],
                       label="Number of eigen-motions",
@@ -68,9 +84,11 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                            "and motion; the largest is the reference body, each other part gets a "
                            "per-particle rotation and translation on top of the eigen-motions "
                            "(CryoSPIRE-style part-aware model).")
-        form.addParam("rounds", params.IntParam, default=4, validators=[params.GE(0)],
+        form.addParam("rounds", params.IntParam, default=3, validators=[params.GE(0)],
                       label="Refinement rounds",
-                      help="Alternations of (refit model and motions, re-estimate coordinates).")
+                      help="Alternations of (refit model and motions, re-estimate coordinates); each costs "
+                           "about a fifth of the default run (4 instead of 3: |ρ| +0.001 on the hinge "
+                           "benchmark).")
         form.addParam("nFrames", params.IntParam, default=10, validators=[params.Positive],
                       label="Maps along each motion")
         form.addParam("nClasses", params.IntParam, default=0, validators=[params.GE(0)],
@@ -92,7 +110,8 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         args = ["-i", self._getExtraPath("input_particles.star"), "-o", self._getExtraPath(),
                 "--motions", self.nMotions.get(), "--rounds", self.rounds.get(),
                 "--consensus-epochs", self.consensusEpochs.get(), "--frames", self.nFrames.get(),
-                "--classes", self.nClasses.get()]
+                "--classes", self.nClasses.get(),
+                "--sigma-ang", self.sigmaAng.get(), "--sigma-shift", self.sigmaShift.get()]
         kind = self.consensusType.get()
         if kind == CONSENSUS_VOLUME:
             args += ["--consensus", os.path.abspath(self.consensusVolume.get().getFileName().split(":")[0])]
@@ -117,6 +136,10 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         coords = {int(i): row for i, row in zip(table["rlnImageId"], table[cols].to_numpy(float))}
         labels = ({int(i): int(c) for i, c in zip(table["rlnImageId"], table["rlnClassNumber"])}
                   if "rlnClassNumber" in table and self.nClasses.get() > 0 else {})
+        poses = {}
+        if "rlnGsplatAngleChange" in table:  # the poses were refined: the output carries them
+            pose_cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"]
+            poses = {int(i): row for i, row in zip(table["rlnImageId"], table[pose_cols].to_numpy(float))}
 
         def annotate(item, row=None):
             if item.getObjId() not in coords:
@@ -125,6 +148,9 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                 setattr(item, ATTR_COORDINATE.format(k + 1), Float(float(value)))
             if labels:
                 set_particle_class(item, labels[item.getObjId()])
+            if poses:
+                rot, tilt, psi, ox, oy = poses[item.getObjId()]
+                item.getTransform().setMatrix(relion_to_matrix(rot, tilt, psi, ox / pix, oy / pix))
 
         out_parts = self._copyInputParticles(annotate)
         outputs = {"outputParticles": out_parts}

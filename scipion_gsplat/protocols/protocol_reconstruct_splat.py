@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pyworkflow.protocol.params as params
-from pwem.objects import FSC, AtomStruct, Volume
+from pwem.objects import FSC, AtomStruct, SetOfParticles, Volume
 from pwem.protocols import ProtReconstruct3D
 
 from ..core.io import read_star_table
@@ -29,7 +29,8 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
     the width) to open with the map in ChimeraX or Coot.
     """
     _label = "gaussian splat reconstruction"
-    _possibleOutputs = {"outputVolume": Volume, "outputFSC": FSC, "outputAtomStruct": AtomStruct}
+    _possibleOutputs = {"outputVolume": Volume, "outputFSC": FSC, "outputAtomStruct": AtomStruct,
+                        "outputParticles": SetOfParticles}
 
     def _defineParams(self, form):
         form.addSection(label="Input")
@@ -86,6 +87,24 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
                       help="Harmonic springs between neighbouring Gaussians (0: off).")
         form.addParam("lrCentres", params.FloatParam, default=0.1, expertLevel=params.LEVEL_ADVANCED,
                       label="Learning rate of the centres (Å)")
+        form.addParam("sigmaAng", params.FloatParam, default=2.0, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Pose refinement: angular σ (deg)",
+                      help="Expected error of the input orientations (degrees per axis, a Gaussian prior): "
+                           "each particle's orientation is refined within about 3σ of its input pose. "
+                           "Typical 1-3 for poses from a consensus refinement. 0: orientations fixed.")
+        form.addParam("sigmaShift", params.FloatParam, default=1.0, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Pose refinement: shift σ (px)",
+                      help="Expected error of the input origins (pixels per axis); typical 0.5-1. "
+                           "0: poses fixed.")
+        form.addParam("alignRounds", params.IntParam, default=2, validators=[params.GE(0)],
+                      expertLevel=params.LEVEL_ADVANCED, label="Local search rounds",
+                      help="Rounds of local pose searches before the fit, gold standard as in RELION's "
+                           "auto-refine with local searches: each half set is aligned against its own half "
+                           "map, rebuilt every round. 0: no searches.")
+        form.addParam("jointPoses", params.BooleanParam, default=False,
+                      expertLevel=params.LEVEL_ADVANCED, label="Refine poses during the fit?",
+                      help="Also refine the poses by gradient descent together with the Gaussians "
+                           "(a small further gain with pose errors, a small loss with exact poses).")
         form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
                       label="Additional arguments", help="More gsplat_reconstruct_splat options.")
         self._defineComputeParams(form)
@@ -104,7 +123,11 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
         args = ["-i", self._getExtraPath("input_particles.star"), "-o", self._getExtraPath(),
                 "--iterations", self.iterations.get(), "--batch", self.batchSize.get(),
                 "--gaussian-type", "aniso" if self.gaussianType.get() == 1 else "iso",
-                "--lr-centres", self.lrCentres.get()]
+                "--lr-centres", self.lrCentres.get(),
+                "--sigma-ang", self.sigmaAng.get(), "--sigma-shift", self.sigmaShift.get(),
+                "--align-rounds", self.alignRounds.get()]
+        if self.jointPoses.get():
+            args.append("--joint-poses")
         if init == INIT_STRUCTURE:
             args += ["--init", "pdb", "--init-file", os.path.abspath(self.initStructure.get().getFileName()),
                      "--level", ["atom", "residue"][self.atomLevel.get()],
@@ -147,6 +170,8 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
         atoms = AtomStruct(filename=structure, pseudoatoms=True)
         atoms.setVolume(vol)
         outputs["outputAtomStruct"] = atoms
+        if os.path.exists(self._getExtraPath("particles.star")):  # poses refined
+            outputs["outputParticles"] = self._refinedParticles(self._getExtraPath("particles.star"))
         self._defineOutputs(**outputs)
         for obj in outputs.values():
             self._defineSourceRelation(self.inputParticles, obj)

@@ -21,7 +21,7 @@ MODE_THESIS, MODE_GRAPH_REFINE, MODE_POOLED, MODE_BOTH = range(4)
 
 
 class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
-    """Split-volume 3D classification without 3D references (seed 003, extended).
+    """Split-volume 3D classification without 3D references (after Lauzirika Zarrabeitia, extended).
 
     Particles with known poses are grouped by projection direction, aligned
     in-plane and classified in 2D (masked PCA + GMM); the direction graph is cut
@@ -71,6 +71,18 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         form.addParam("refineIterations", params.IntParam, default=8, label="Refinement iterations",
                       help="Iterations of the 3D refinement of the graph split (graph + 3D refinement, "
                            "both).")
+        form.addParam("sigmaAng", params.FloatParam, default=2.0, label="Pose error: angles (deg)",
+                      help="Expected error of the input angles (degrees, σ of a Gaussian prior per rotation "
+                           "axis). Above 0, every particle's pose is refined locally (within 3σ) against the "
+                           "consensus map before the 3D steps, and the output particles carry the refined "
+                           "poses. Poses from a consensus refinement typically err by 1-3°; with errors of "
+                           "2° a subtle difference (~5 % of the mass) is not found without it (measured on "
+                           "4000 simulated particles: ARI 0.04 → 0.88; with exact poses it costs about 0.02). "
+                           "0 = poses used as they are. Costs about 75 s per 4000 particles per core.")
+        form.addParam("sigmaShift", params.FloatParam, default=1.0, label="Pose error: origins (px)",
+                      condition="sigmaAng > 0",
+                      help="Expected error of the input origins (pixels of the input images, σ per axis); "
+                           "typical 0.5-2.")
         form.addParam("supportThreshold", params.FloatParam, default=0.5, expertLevel=params.LEVEL_ADVANCED,
                       label="Split support threshold",
                       help="A further split (3+ classes) is kept when the eigenvolumes of the two half "
@@ -151,15 +163,22 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
             star = os.path.join(work, "graph", "particles.star")
         init = {MODE_GRAPH_REFINE: "column", MODE_POOLED: "pooled", MODE_BOTH: "both"}[mode]
         self.runProgram("refine_classes", ["-i", star, "-o", os.path.join(work, "refine"), "--init", init,
-                                           "--iterations", self.refineIterations.get()] + mask + resize)
+                                           "--iterations", self.refineIterations.get()] + mask + resize
+                        + self._poseArgs())
         return os.path.join(work, "refine", "particles.star")
+
+    def _poseArgs(self) -> list:
+        """--sigma-ang / --sigma-shift of gsplat_refine_classes (none when the poses are kept)."""
+        if self.sigmaAng.get() <= 0:
+            return []
+        return ["--sigma-ang", self.sigmaAng.get(), "--sigma-shift", self.sigmaShift.get()]
 
     def _supported(self, work: str, subset: str) -> bool:
         summary = os.path.join(work, "refine", "summary.star")
         if not os.path.exists(summary) or "rlnGsplatPooledHalfAgreement" not in io.read_star_table(
                 summary, "summary"):
             self.runProgram("refine_classes", ["-i", subset, "-o", os.path.join(work, "support"),
-                                               "--init", "pooled", "--iterations", 0])
+                                               "--init", "pooled", "--iterations", 0] + self._poseArgs())
             summary = os.path.join(work, "support", "summary.star")
         agreement = float(io.read_star_table(summary, "summary")["rlnGsplatPooledHalfAgreement"].iloc[0])
         self.info(f"half-set eigenvolume agreement {agreement:.3f} (threshold {self.supportThreshold.get()})")
@@ -212,6 +231,8 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         self._validateSymmetry(errors)
         if self.numberOfClasses.get() < 2:
             errors.append("At least 2 classes.")
+        if self.sigmaAng.get() < 0 or (self.sigmaAng.get() > 0 and self.sigmaShift.get() <= 0):
+            errors.append("Pose errors: angles >= 0 (0 = poses kept); origins > 0 when angles > 0.")
         parts = self.inputParticles.get()
         if parts is not None:
             parts = particles_of(parts)

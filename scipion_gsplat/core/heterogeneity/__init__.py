@@ -1,4 +1,4 @@
-"""GMM heterogeneity (seed 004): per-particle deformations of a Gaussian model.
+"""GMM heterogeneity (after Chen & Ludtke): per-particle deformations of a Gaussian model.
 
 A consensus Gaussian model is deformed per particle along a few eigen-motions,
 ``μ_b = μ + Σ_k z_bk·V_k`` (and optionally ``log a_b = log a + Σ_k z_bk·W_k``);
@@ -10,6 +10,7 @@ and coordinates are refined alternately. Modules:
 * :mod:`.gradients`     per-particle gradients and their PCA (initial motions);
 * :mod:`.coordinates`   Gauss-Newton coordinates along the motions;
 * :mod:`.refine`        refit of model and motions with coordinates fixed;
+* :mod:`.poses`         pose refinement against the consensus (before the gradients);
 * :mod:`.analysis`      frames along a motion (maps, trajectories), subsets;
 * :mod:`.pipeline`      the whole run, resumable.
 """

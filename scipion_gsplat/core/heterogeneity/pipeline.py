@@ -2,7 +2,9 @@
 
 1. consensus Gaussian model: a given model (``.npz``), or sampled from a given
    map or from the particles' own Fourier reconstruction, then fitted to the
-   particles for ``consensus_epochs`` (:func:`..splat.fit.fit`);
+   particles for ``consensus_epochs`` (:func:`..splat.fit.fit`); with a pose
+   prior (``sigma_ang_deg``/``sigma_shift_A``) the particles' poses are refined
+   against it (:mod:`.poses`) and every later stage uses the refined poses;
 2. per-particle gradients at the consensus (:mod:`.gradients`) on up to
    ``pca_particles`` particles, PCA → ``n_motions`` eigen-motions and the
    fraction of the gradient variance each explains;
@@ -18,7 +20,8 @@ After each stage the state is written to ``<workdir>/state.npz``: the raw
 trainable parameters (not quantities derived from them, which would not convert
 back exactly), coordinates and posterior covariances, with a signature of the
 inputs (content of the STAR rows, the stacks, every setting, the seed, the
-consensus and segmentation files). The consensus fit also checkpoints itself
+consensus and segmentation files) and, from the consensus on, the pose
+corrections. The consensus fit also checkpoints itself
 after every epoch (``consensus_fit.pt``, parameters and optimiser state). A
 rerun with the same inputs continues after the last finished stage or epoch
 and ends with the uninterrupted run's result, bit for bit (every random draw is
@@ -29,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,6 +51,7 @@ from .deconvolution import deconvolved_coordinates
 from .gradients import gradient_matrix, principal_motions
 from .motion_model import MotionModel, base_parameters, isotropic, motions_from_vectors
 from .parts import part_centroids, parts_from_map, parts_from_motions
+from .poses import POSE_METHODS, correction_summary, search_corrections
 from .refine import refit
 
 
@@ -57,7 +61,11 @@ WORKING_PIXEL_A = 2.4  # automatic working pixel: on the hinge benchmark 2.4 Å 
 # Epochs of each refit. Hinge benchmark (2 threads): 1 epoch × 4 rounds |ρ| 0.954 in 93 s, 3 × 4 0.961 in
 # 103 s, 3 × 3 0.960 in 92 s, 5 × 4 0.961 in 133 s. With amplitude motions 3 epochs made the refit
 # diverge (composition set: loss 0.89 → 3·10⁵ in round 3), so those runs keep 1.
-REFIT_EPOCHS = 3
+# Default schedule (issue 17, hinge, 4000 particles, 1 thread, same machine state): 4 consensus epochs,
+# 4 rounds × 3 epochs and the full-size stage (2 epochs + coordinates) |ρ| 0.966; 2 consensus epochs,
+# 3 × 3, no full-size stage 0.961; 2, 4 × 3, none 0.962; 1 consensus epoch, 3 × 2, none 0.959 in 108 s
+# of CPU; the same on a 32 px working box 0.953 (2, 3 × 3).
+REFIT_EPOCHS = 2
 REFIT_EPOCHS_AMPLITUDES = 1
 
 
@@ -103,44 +111,65 @@ class HeterogeneityConfig:
             (0: automatic, a pixel of about 2.4 Å; the box itself: no cropping).
             Motions of domains need no high resolution, and the work falls
             with the square of the box.
+        sigma_ang_deg, sigma_shift_A: prior σ of the particles' pose errors
+            (degrees per rotation-vector component; Å per origin axis); both 0:
+            poses fixed. Otherwise the poses are refined against the consensus
+            (:mod:`.poses`) and every later stage uses the refined ones.
+        pose_method: ``search`` (local grid search against the consensus map)
+            or ``gradient`` (jointly with the consensus fit).
     """
     n_motions: int = 4
     amplitudes: bool = False
     consensus: Optional[str] = None
     n_gaussians: int = 1000
-    consensus_epochs: int = 4
-    rounds: int = 4
+    consensus_epochs: int = 1
+    rounds: int = 3
     refit_epochs: Optional[int] = None
     gn_steps: int = 2
     batch: int = 32
     pca_particles: int = 10000
     resize: int = 0
-    final_epochs: int = 2
+    final_epochs: int = 0
     parts: int = 0
     segmentation: Optional[str] = None
     part_sigma_rot_deg: float = 10.0
     part_sigma_shift_A: float = 5.0
     prior_components: int = 8
     refit_draws: bool = True
+    sigma_ang_deg: float = 0.0
+    sigma_shift_A: float = 0.0
+    pose_method: str = "search"
+
+    @property
+    def refine_poses(self) -> bool:
+        return self.sigma_ang_deg > 0 or self.sigma_shift_A > 0
 
 
 @dataclass
 class HeterogeneityResult:
     """``coordinates (M, K)`` in STAR row order; ``explained (K,)`` fractions of
-    the gradient variance; ``history``: one dict per stage."""
+    the gradient variance; ``history``: one dict per stage; ``pose_omega (M, 3)``
+    rad and ``pose_shift_A (M, 2)`` Å: the pose corrections every stage used
+    (:mod:`.poses`; None when the poses were fixed)."""
     model: MotionModel
     coordinates: np.ndarray
     explained: np.ndarray
     history: list = field(default_factory=list)
     seconds: float = 0.0
+    pose_omega: Optional[np.ndarray] = None
+    pose_shift_A: Optional[np.ndarray] = None
 
 
 def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityConfig, seed: int,
                     device="cpu", log: Callable[[str], None] = print, progress_factory=None,
-                    checkpoint=None, inputs: Optional[str] = None) -> GaussianModel:
+                    checkpoint=None, inputs: Optional[str] = None
+                    ) -> tuple[GaussianModel, Optional[tuple[np.ndarray, np.ndarray]]]:
     """The consensus Gaussian model, fitted to the particles (the fit written
     to and resumed from ``checkpoint`` after every epoch, when given, if it was
-    computed from the same ``inputs``: :func:`_signature`)."""
+    computed from the same ``inputs``: :func:`_signature`), and the pose
+    corrections ``(omega (M, 3) rad, shift (M, 2) Å)`` of the particles (None:
+    poses fixed), refined jointly with the fit or by a local search against it
+    (``cfg.pose_method``)."""
     prog = progress_factory or (lambda label: None)
     path = cfg.consensus
     if path and Path(path).suffix.lower() == ".npz":
@@ -151,12 +180,27 @@ def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityCo
         models, _, _ = initial_models(star, spec, False, seed, device, True, log, prog("consensus reconstruction"))
         model = models[0]
         log(f"consensus: {len(model)} Gaussians sampled from {path or 'the particles reconstruction'}")
+    joint = cfg.refine_poses and cfg.pose_method == "gradient"
+    if joint and cfg.consensus_epochs < 1:
+        raise InputError("pose refinement with the consensus fit needs --consensus-epochs of at least 1")
+    corrections = None
     if cfg.consensus_epochs > 0:
-        res = fit(model, data, FitConfig(epochs=cfg.consensus_epochs, batch=cfg.batch), seed=seed,
-                  checkpoint=checkpoint, inputs=inputs, progress=prog("fitting consensus"),
-                  log=lambda line: log(f"consensus: {line}"))
+        fc = FitConfig(epochs=cfg.consensus_epochs, batch=cfg.batch)
+        if joint:
+            fc = replace(fc, sigma_ang_deg=cfg.sigma_ang_deg, sigma_shift_A=cfg.sigma_shift_A)
+        res = fit(model, data, fc, seed=seed, checkpoint=checkpoint, inputs=inputs,
+                  progress=prog("fitting consensus"), log=lambda line: log(f"consensus: {line}"))
         model = res.model
-    return model
+        if joint:
+            corrections = (np.asarray(res.pose_omega, np.float64), np.asarray(res.pose_shift_A, np.float64))
+    if cfg.refine_poses and not joint:
+        corrections = search_corrections(star, model, data.box, cfg.sigma_ang_deg, cfg.sigma_shift_A,
+                                         device, log)
+    if corrections is not None:
+        s = correction_summary(*corrections, data.pixel_size_A * data.box / star.box_size)
+        log(f"poses refined against the consensus ({cfg.pose_method}): median change "
+            f"{s['median_angle_change_deg']:.2f}°, {s['median_shift_change_px']:.2f} px")
+    return model, corrections
 
 
 def add_parts(mm: MotionModel, z: torch.Tensor, cfg: HeterogeneityConfig, data: ParticleData, seed: int,
@@ -303,11 +347,20 @@ def _load_state(path: Path, signature: str, log: Callable[[str], None]) -> Optio
         return None
 
 
-def _stage_arrays(mm: MotionModel, z: torch.Tensor, cov: Optional[torch.Tensor], explained) -> dict:
+def _pose_arrays(corrections: Optional[tuple]) -> dict:
+    """The pose corrections as state arrays (none when the poses are fixed)."""
+    if corrections is None:
+        return {}
+    return {"pose_omega": np.asarray(corrections[0], np.float64),
+            "pose_shift_A": np.asarray(corrections[1], np.float64)}
+
+
+def _stage_arrays(mm: MotionModel, z: torch.Tensor, cov: Optional[torch.Tensor], explained,
+                  corrections: Optional[tuple] = None) -> dict:
     """What a stage from 0 on leaves: the model's raw parameters (bit-exact,
-    :meth:`MotionModel.state`), the coordinates, posterior covariances and
-    explained variances."""
-    return dict(mm.state(), coordinates=z, posterior_cov=cov, explained=explained)
+    :meth:`MotionModel.state`), the coordinates, posterior covariances,
+    explained variances and the pose corrections (:func:`_pose_arrays`)."""
+    return dict(mm.state(), coordinates=z, posterior_cov=cov, explained=explained, **_pose_arrays(corrections))
 
 
 def _consensus_from_state(state: dict) -> GaussianModel:
@@ -333,6 +386,10 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
     prog = progress_factory or (lambda label: None)
     if cfg.n_motions < 1:
         raise InputError("the number of eigen-motions must be at least 1")
+    if cfg.pose_method not in POSE_METHODS:
+        raise InputError(f"pose refinement method {cfg.pose_method!r}: choose one of {', '.join(POSE_METHODS)}")
+    if not (cfg.sigma_ang_deg >= 0 and cfg.sigma_shift_A >= 0):
+        raise InputError("the pose prior σ must not be negative")
     if len(star) < 2 * cfg.n_motions + 2:
         raise InputError(f"{len(star)} particles are too few for {cfg.n_motions} eigen-motions")
     full = data = ParticleData.from_star(star, None, device, use_ctf=True)
@@ -350,15 +407,23 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         _save_state(state_path, STAGE_STARTED, signature, history)
     elif stage >= STAGE_CONSENSUS:
         log(f"resumed from {state_path} after {_stage_name(stage, cfg.rounds)}")
+    corrections = None
     if stage == STAGE_STARTED:
-        model = consensus_model(star, data, cfg, seed, device, log, progress_factory, checkpoint, signature)
+        model, corrections = consensus_model(star, data, cfg, seed, device, log, progress_factory, checkpoint,
+                                             signature)
         if state_path:
             arrays = {"consensus_centres_A": model.centres_A, "consensus_amplitudes": model.amplitudes,
                       "consensus_sigmas_A": model.sigmas_A, "consensus_cholesky_A": model.cholesky_A}
-            _save_state(state_path, STAGE_CONSENSUS, signature, history, **arrays)
+            _save_state(state_path, STAGE_CONSENSUS, signature, history, **arrays,
+                        **_pose_arrays(corrections))
             checkpoint.unlink(missing_ok=True)  # the state holds the fitted consensus now
-    elif stage == STAGE_CONSENSUS:
-        model = _consensus_from_state(state)
+    else:
+        if stage == STAGE_CONSENSUS:
+            model = _consensus_from_state(state)
+        if "pose_omega" in state:
+            corrections = (state["pose_omega"], state["pose_shift_A"])
+    if corrections is not None:  # every later stage sees the refined poses (the state carries them on)
+        data, full = data.with_pose_corrections(*corrections), full.with_pose_corrections(*corrections)
     if stage >= 0:
         mm = MotionModel.from_state(state, device)
         z = torch.from_numpy(state["coordinates"]).to(device)
@@ -384,7 +449,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
             z, cov = add_parts(mm, z, cfg, data, seed, log, prog), None
         history.append({"stage": 0, "seconds": time.time() - t0, "noise_var": noise})
         if state_path:
-            _save_state(state_path, 0, signature, history, **_stage_arrays(mm, z, cov, explained))
+            _save_state(state_path, 0, signature, history, **_stage_arrays(mm, z, cov, explained, corrections))
         stage = 0
     refit_epochs = epochs_per_refit(cfg)
     for r in range(stage + 1, cfg.rounds + 1):
@@ -399,7 +464,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         log(f"round {r}/{cfg.rounds}: loss {losses[-1]:.6f}, coordinate spread "
             + ", ".join(f"{float(s):.2f}" for s in z.std(dim=0)) + f" Å, {time.time() - t0:.1f} s")
         if state_path:
-            _save_state(state_path, r, signature, history, **_stage_arrays(mm, z, cov, explained))
+            _save_state(state_path, r, signature, history, **_stage_arrays(mm, z, cov, explained, corrections))
     if full.box != data.box and cfg.final_epochs > 0 and stage <= cfg.rounds:
         # the coordinates are settled; sharpen the model (and its maps) on the full-size images
         mm.base = base_parameters(mm.to_model(), full.pixel_size_A, device)
@@ -415,5 +480,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         log(f"full-resolution refit and coordinates ({full.box} px): refit loss {losses[-1]:.6f}, {time.time() - t0:.1f} s")
         if state_path:
             _save_state(state_path, cfg.rounds + 1, signature, history,
-                        **_stage_arrays(mm, z, cov, explained))
-    return HeterogeneityResult(mm, z.cpu().numpy(), np.asarray(explained), history, time.time() - t0)
+                        **_stage_arrays(mm, z, cov, explained, corrections))
+    omega, shift = corrections if corrections is not None else (None, None)
+    return HeterogeneityResult(mm, z.cpu().numpy(), np.asarray(explained), history, time.time() - t0,
+                               omega, shift)

@@ -99,6 +99,24 @@ class ParticleData:
         return replace(self, images=torch.cat(parts), box=new_box,
                        pixel_size_A=self.pixel_size_A * self.box / new_box)
 
+    def with_pose_corrections(self, omega, shift_A) -> "ParticleData":
+        """The same particles with corrected poses: rotations ``exp([ω]×)·A``
+        (:func:`..poses.rotations.compose`) and origins ``origin + d``.
+
+        Args:
+            omega: ``(M, 3)`` rotation corrections (rad, image frame).
+            shift_A: ``(M, 2)`` origin corrections (Å, x and y).
+        """
+        from dataclasses import replace
+        from ..poses.rotations import compose
+        om = torch.as_tensor(np.asarray(omega), dtype=torch.float64)
+        sh = torch.as_tensor(np.asarray(shift_A), dtype=torch.float64)
+        if om.shape != (len(self), 3) or sh.shape != (len(self), 2):
+            raise ValueError(f"corrections of shapes {tuple(om.shape)}, {tuple(sh.shape)} for {len(self)} particles")
+        poses = compose(self.poses.detach().cpu().double(), om).to(self.poses.device, self.poses.dtype)
+        shifts = (self.shifts_A.detach().cpu().double() + sh).to(self.shifts_A.device, self.shifts_A.dtype)
+        return replace(self, poses=poses, shifts_A=shifts)
+
     def mean_variance(self, n: int = 512, seed: int = 0) -> float:
         """Mean per-image pixel variance over up to ``n`` images (the loss scale)."""
         rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ Loss per optimiser step (``B`` particles, ``n×n`` pixels)::
         + k · mean_pairs (|μ_i − μ_j| − r₀)²
 
 with ``v̄`` the mean pixel variance of the particles (so ``L ≈ 1`` for an empty
-model) and the optional harmonic bond term of seed 000 between neighbouring
+model) and the optional harmonic bond term of Dräger's Gaussian-splatting report between neighbouring
 Gaussians. Each step's batch is rendered in micro-batches that respect a memory
 bound and their gradients accumulated. Learning rates follow a cosine decay
 from their base values to ``lr_final`` × base over the run (or over the time
@@ -14,6 +14,12 @@ limit, whichever ends first). Densification and pruning (:mod:`.densify`) run
 between epochs when enabled. A checkpoint (parameters, Adam state, history) is
 written after every epoch, and a fit restarted with the same checkpoint path
 continues from it.
+
+Pose refinement (``sigma_ang_deg``/``sigma_shift_A`` > 0): every particle's
+rotation and origin get corrections (:mod:`..poses.gradient`) optimised with
+the model by their own row-wise Adam, with a Gaussian prior in the units of the
+data loss; they start moving once the run is ``pose_start`` through (the model
+must first resemble the particles). Without it the fit is unchanged, bit for bit.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import numpy as np
 import torch
 
 from ..io import InputError, atomic_path
+from ..poses.gradient import PoseCorrections
 from .data import ParticleData
 from .densify import DensityStats, densify_and_prune, make_optimizer
 from .model import GaussianModel
@@ -61,6 +68,14 @@ class FitConfig:
         max_elements: memory bound of one micro-batch (profile values).
         time_limit_s: stop after this many seconds (the schedule follows it).
         window: isotropic renderer mode ('auto', 'dense', 'window').
+        sigma_ang_deg: prior σ of each particle's rotation correction (degrees
+            per rotation-vector component; 0 = rotations fixed).
+        sigma_shift_A: prior σ of each particle's origin correction (Å per
+            axis; 0 = origins fixed).
+        lr_pose_deg, lr_pose_shift_A: Adam steps of the rotation (degrees) and
+            origin (Å) corrections (same cosine decay as the model).
+        pose_start: fraction of the run (steps or time) after which the poses
+            start moving.
     """
     epochs: int = 20
     batch: int = 32
@@ -83,16 +98,32 @@ class FitConfig:
     max_elements: int = DEFAULT_MAX_ELEMENTS
     time_limit_s: Optional[float] = None
     window: str = "auto"
+    sigma_ang_deg: float = 0.0
+    sigma_shift_A: float = 0.0
+    lr_pose_deg: float = 1.0
+    lr_pose_shift_A: float = 0.4
+    pose_start: float = 0.0
+
+    @property
+    def refine_poses(self) -> bool:
+        return self.sigma_ang_deg > 0 or self.sigma_shift_A > 0
 
 
 @dataclass
 class FitResult:
-    """Fitted model, per-epoch history (dicts: epoch, loss, n_gaussians, seconds, lr)."""
+    """Fitted model, per-epoch history (dicts: epoch, loss, n_gaussians, seconds, lr).
+
+    ``pose_omega (M, 3)`` rad and ``pose_shift_A (M, 2)`` Å are the pose
+    corrections of ``data``'s particles (None when the poses were fixed); apply
+    them with :meth:`.data.ParticleData.with_pose_corrections`.
+    """
     model: GaussianModel
     history: list = field(default_factory=list)
     seconds: float = 0.0
     steps: int = 0
     stopped_early: bool = False
+    pose_omega: Optional[np.ndarray] = None
+    pose_shift_A: Optional[np.ndarray] = None
 
 
 def lr_factor(progress: float, final: float) -> float:
@@ -102,9 +133,14 @@ def lr_factor(progress: float, final: float) -> float:
 
 
 def data_loss(params: dict, data: ParticleData, idx: np.ndarray, scale: float,
-              window: str = "auto") -> torch.Tensor:
-    """Sum over the particles ``idx`` of their squared residuals / (n² · scale)."""
+              window: str = "auto", poses=None, part: slice = slice(None)) -> torch.Tensor:
+    """Sum over the particles ``idx`` of their squared residuals / (n² · scale).
+
+    ``poses``: optional :class:`..poses.gradient.PoseBatch` whose rows ``part``
+    correct the poses of ``idx`` (differentiable in the corrections)."""
     imgs, rot, sh, ctf = data.batch(idx)
+    if poses is not None:
+        rot, sh = poses.apply(rot, sh, part)
     pred = render(params, rot, data.box, data.pixel_size_A, sh, ctf, window)
     return (pred - imgs).square().sum() / (data.box ** 2 * scale)
 
@@ -154,11 +190,15 @@ def bond_energy(centres: torch.Tensor, pairs: torch.Tensor, length_A: float) -> 
     return (d - length_A).square().mean()
 
 
-def _save_checkpoint(path, params, optimizer, epoch, step, history, signature, elapsed) -> None:
+def _save_checkpoint(path, params, optimizer, epoch, step, history, signature, elapsed,
+                     poses=None) -> None:
+    state = {"raw": params.state(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "step": step, "history": history, "signature": signature,
+             "sigma_min_A": params.sigma_min_A, "elapsed": elapsed}
+    if poses is not None:
+        state["poses"] = poses.state_dict()
     with atomic_path(path) as tmp:
-        torch.save({"raw": params.state(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "step": step, "history": history, "signature": signature,
-                    "sigma_min_A": params.sigma_min_A, "elapsed": elapsed}, tmp)
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path, signature, device, log=None):
@@ -218,6 +258,12 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         raise InputError("nothing to fit: enable centres, amplitudes or widths")
     if len(data) == 0:
         raise InputError("no particles to fit")
+    if not (config.sigma_ang_deg >= 0 and config.sigma_shift_A >= 0):
+        raise InputError(f"the pose prior σ must be >= 0 (got {config.sigma_ang_deg}°, {config.sigma_shift_A} Å)")
+    poses = None
+    if config.refine_poses:
+        poses = PoseCorrections(len(data), config.sigma_ang_deg, config.sigma_shift_A,
+                                config.lr_pose_deg, config.lr_pose_shift_A, device=device)
     steps_per_epoch = int(math.ceil(len(data) / config.batch))
     total_steps = steps_per_epoch * config.epochs
     signature = {"n_particles": len(data), "n_init": len(model), "seed": seed, "inputs": inputs,
@@ -228,6 +274,8 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         optimizer = make_optimizer(params, lrs)
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, step, history = ck["epoch"] + 1, ck["step"], ck["history"]
+        if poses is not None:
+            poses.load_state_dict(ck["poses"])
         t_start -= ck.get("elapsed", 0.0)
         if log:
             log(f"resumed from {checkpoint} after epoch {start_epoch}")
@@ -268,10 +316,18 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             optimizer.zero_grad(set_to_none=True)
             phys = params.tensors()
             batch_loss = 0.0
+            pb = poses.gather(idx) if poses is not None and progress_frac >= config.pose_start else None
             for m0 in range(0, len(idx), micro):
-                part = data_loss(phys, data, idx[m0:m0 + micro], scale * len(idx), config.window)
+                part = data_loss(phys, data, idx[m0:m0 + micro], scale * len(idx), config.window,
+                                 pb, slice(m0, m0 + micro))
                 part.backward(retain_graph=m0 + micro < len(idx))
                 batch_loss += float(part.detach())
+            if poses is not None:
+                poses.observe_loss(batch_loss)  # mean r²/v̄ per particle: the noise fraction ρ
+            if pb is not None:
+                prior = poses.prior_loss(pb, data.box ** 2, len(idx))
+                prior.backward()
+                batch_loss += float(prior.detach())
             if use_bonds:
                 bond = config.bond_weight * bond_energy(params.raw["centres"], pairs_t, bond_len)
                 bond.backward()
@@ -283,6 +339,8 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             if params.raw["centres"].grad is not None:
                 stats.add(params.raw["centres"].grad)
             optimizer.step()
+            if pb is not None:
+                poses.step(pb, factor)
             step += 1
             loss_sum += batch_loss * len(idx)
             loss_n += len(idx)
@@ -316,9 +374,10 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
                 f"{time.time() - t_epoch:.1f} s{extra}")
         if checkpoint:
             _save_checkpoint(checkpoint, params, optimizer, epoch, step, history, signature,
-                             time.time() - t_start)
+                             time.time() - t_start, poses)
         if stopped:
             if log:
                 log(f"time limit of {config.time_limit_s:.0f} s reached after {step} steps")
             break
-    return FitResult(params.to_model(), history, time.time() - t_start, step, stopped)
+    omega, shift = poses.numpy() if poses is not None else (None, None)
+    return FitResult(params.to_model(), history, time.time() - t_start, step, stopped, omega, shift)

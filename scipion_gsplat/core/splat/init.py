@@ -121,7 +121,7 @@ def from_structure_file(path, level: str, sigma_min_A: float, center: str = "box
 
 def perturb(model: GaussianModel, sigma_A: float, rng: np.random.Generator) -> GaussianModel:
     """The model with every centre moved by isotropic Gaussian noise of ``sigma_A`` Å
-    per axis (independent starts for two half sets, or seed 000's noisy starts)."""
+    per axis (independent starts for two half sets, or the noisy starts of Dräger's report)."""
     if sigma_A <= 0:
         return model
     out = model.subset(np.arange(len(model)))
@@ -131,7 +131,7 @@ def perturb(model: GaussianModel, sigma_A: float, rng: np.random.Generator) -> G
 
 def bond_pairs(centres_A: np.ndarray, sequential: bool, k: int = 3,
                max_length_A: Optional[float] = None) -> np.ndarray:
-    """Neighbour pairs for the harmonic bond regulariser (seed 000).
+    """Neighbour pairs for the harmonic bond regulariser (Dräger's report).
 
     Args:
         centres_A: ``(N, 3)``.

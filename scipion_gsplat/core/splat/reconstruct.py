@@ -25,6 +25,9 @@ import numpy as np
 from ..fsc import fsc_curve, lowpass, resolution_at
 from ..io import ImageReader, InputError, ParticleStar, read_map
 from ..masks import mask_from_map
+from ..particle_spectra import load_spectra, working_box
+from ..poses.local_search import LocalSearch, refine_iteratively
+from ..poses.star import with_poses
 from ..reconstruct import reconstruct_particles
 from ..safety import files_digest, input_signature
 from . import init as initial
@@ -93,6 +96,7 @@ class SplatReconstruction:
     init_seconds: float = 0.0
     seconds: float = 0.0
     notes: list = field(default_factory=list)
+    star: Optional[ParticleStar] = None
 
     def resolution_A(self, threshold: float = 0.143) -> float:
         if self.fsc is None:
@@ -186,11 +190,31 @@ def fit_inputs(star: ParticleStar, rows: np.ndarray, stack_files: list, spec: In
                            pixel_size_A=star.pixel_size)
 
 
+def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rounds: int,
+               device="cpu", target_pixel_A: float = 2.0,
+               log: Optional[Callable[[str], None]] = None) -> ParticleStar:
+    """The particles with poses refined by gold-standard local searches before any fit.
+
+    Every round reconstructs the two half maps (``rlnRandomSubset``) from the
+    current poses, FSC-filtered, and aligns each half set against its own half
+    map only (:func:`..poses.local_search.refine_iteratively` without an
+    external reference), as RELION's auto-refine does; the half sets stay
+    independent. Works on Fourier-cropped spectra with a pixel of about
+    ``target_pixel_A`` Å.
+    """
+    box, pix = star.box_size, star.pixel_size
+    work = working_box(0, box, pix, target_pixel_A=target_pixel_A)
+    data = load_spectra(star, reader, work, device)
+    total, _, _ = refine_iteratively(data, None, search, rounds, progress=log)
+    return with_poses(star, data.poses, star.shifts_A() + total.delta_origin_A)
+
+
 def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, halves: bool = True,
                       seed: int = 0, device="cpu", use_ctf: bool = True,
                       checkpoint_dir=None, log: Optional[Callable[[str], None]] = None,
                       progress_factory: Optional[Callable[[str], Callable]] = None,
-                      deadline: Optional[float] = None) -> SplatReconstruction:
+                      deadline: Optional[float] = None, prealign: Optional[LocalSearch] = None,
+                      prealign_rounds: int = 2) -> SplatReconstruction:
     """Fit Gaussian models to the particles, per half set, and make maps and FSC.
 
     Args:
@@ -201,6 +225,9 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         progress_factory: ``label → callback(done, total)`` (e.g. ``Progress``).
         deadline: ``time.time()`` by which the fits must end; each fit gets an
             equal share of the time left (``config.time_limit_s`` is then ignored).
+        prealign: local searches of the poses before the fits (:func:`prealigned`,
+            ``prealign_rounds`` gold-standard rounds); None: the input poses.
+            The result's ``star`` holds the poses the fits started from.
     """
     t0 = time.time()
     if not star.has_poses:
@@ -210,6 +237,11 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     reader = ImageReader(star)
     reader.check()
     box, pix = star.box_size, star.pixel_size
+    if prealign is not None and prealign_rounds > 0:
+        if log:
+            log(f"local pose searches before the fit: {prealign_rounds} gold-standard round(s), "
+                f"σ {prealign.sigma_ang_deg:g}° / {prealign.sigma_shift_A:.2f} Å")
+        star = prealigned(star, reader, prealign, prealign_rounds, device, log=log)
     rows = half_rows(star, halves)
     stacks = reader.stack_files()
     prog = progress_factory or (lambda label: None)
@@ -247,4 +279,4 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         full_map, model = maps[0], half_models[0]
     return SplatReconstruction(model, full_map.astype(np.float32), half_models if halves else [],
                                maps if halves else [], fits, freq, fsc, pix, box, init_seconds,
-                               time.time() - t0, notes)
+                               time.time() - t0, notes, star)

@@ -1,4 +1,4 @@
-"""Split-volume 3D classification (seed 003, extended).
+"""Split-volume 3D classification (after Lauzirika Zarrabeitia, extended).
 
 ``directions`` (direction grid, cones, equivalent poses) → ``align`` (prepared
 images, in-plane alignment) → ``classify2d`` (masked PCA + GMM per direction)

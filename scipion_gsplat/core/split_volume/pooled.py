@@ -51,6 +51,9 @@ class PooledResult:
     eigenvalue: float
     half_agreement: float
     bimodality: float
+    #: ``(N, 2)``: each half set classified on its own half's eigenvolume
+    #: (independent of the other half; for held-out scores), classes aligned
+    half_probabilities: Optional[np.ndarray] = None
 
 
 def _residual_whitened(data: ParticleSpectra, consensus: np.ndarray, sigma2: np.ndarray,
@@ -172,11 +175,20 @@ def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
     sigma2 = noise_spectrum(data, consensus)
     v, (coord, sens) = eigenvolume(data, consensus, mask, sigma2, lowpass_A, None, n_iter, seed, progress)
     halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
-    half_v = [eigenvolume(data, consensus, mask, sigma2, lowpass_A, rows, n_iter, seed + 1 + h)[0]
-              for h, rows in enumerate(halves)]
-    agreement = abs(float((half_v[0] * half_v[1]).sum()))  # unit norm, masked; sign is arbitrary
+    half = [eigenvolume(data, consensus, mask, sigma2, lowpass_A, rows, n_iter, seed + 1 + h)
+            for h, rows in enumerate(halves)]
+    agreement = abs(float((half[0][0] * half[1][0]).sum()))  # unit norm, masked; sign is arbitrary
     prob, _, _, bimod = two_class_mixture(coord, sens, seed)
     classes = np.argmax(prob, 1) + 1
     if (classes == 1).sum() < (classes == 2).sum():  # class 1 = the larger class
         prob, classes = prob[:, ::-1], 3 - classes
-    return PooledResult(v, coord, classes, prob, float(np.var(coord)), agreement, bimod)
+    half_prob = np.zeros_like(prob)
+    for rows, (_, (hc, hs)) in zip(halves, half):
+        if len(rows) < 2:
+            half_prob[rows] = prob[rows]
+            continue
+        hp = two_class_mixture(hc, hs, seed)[0]
+        if (np.argmax(hp, 1) == classes[rows] - 1).mean() < 0.5:  # label order as the full split
+            hp = hp[:, ::-1]
+        half_prob[rows] = hp
+    return PooledResult(v, coord, classes, prob, float(np.var(coord)), agreement, bimod, half_prob)

@@ -19,9 +19,22 @@ makes everything drift into one class):
   normaliser, and class priors are the current class fractions.
 
 Assignments are soft (posteriors) or hard.
+
+**Per-class poses** (``search``, RELION-like): every class holds its own copy
+of the particles' poses (and origin corrections). In each E-step every class
+map aligns all particles locally (:func:`..poses.local_search.refine_poses`,
+a Gaussian prior of a few degrees around the current pose), and a particle's
+class-k likelihood is evaluated at its class-k pose; each class map is
+reconstructed with its own poses. Measured on the benchmark's subtle pair
+(4000 particles, 60/40, SNR 0.1, 2° / 0.5 px errors, working box 32): after a
+refinement of all poses against the consensus (:func:`refine_consensus_poses`,
+which alone lifts the refined graph split from ARI 0.16 to 0.77), two
+iterations with per-class poses gave 0.66 at ~150 s per iteration, so the
+programs refine against the consensus only unless asked.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -30,7 +43,7 @@ from scipy.special import logsumexp, softmax
 import torch
 
 from ..fsc import apply_shell_filter, fsc_curve, shell_power
-from ..particle_spectra import ParticleSpectra, shell_mean
+from ..particle_spectra import ParticleSpectra, noise_spectrum, shell_mean  # noqa: F401 (re-exported)
 from ..reconstruct import FourierAccumulator
 
 
@@ -46,6 +59,10 @@ class RefineResult:
     fsc: np.ndarray
     total_loglik: float = 0.0
     history: list = field(default_factory=list)
+    #: with pose refinement: each class's particles (its own poses and
+    #: re-centred spectra) and origin corrections ``(2, N, 2)`` Å; else None
+    class_data: Optional[list] = None
+    origin_shift_A: Optional[np.ndarray] = None
 
 
 def _reconstruct(data: ParticleSpectra, rows: np.ndarray, weights: np.ndarray,
@@ -56,20 +73,6 @@ def _reconstruct(data: ParticleSpectra, rows: np.ndarray, weights: np.ndarray,
         idx = torch.as_tensor(r, device=data.device)
         acc.insert_spectra(data.spectra[idx], data.poses[r], data.ctf[idx], weights=weights[s:s + chunk])
     return acc.solve(), acc
-
-
-def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 512) -> np.ndarray:
-    """Image noise power per shell ``σ²(s)`` from residuals against a consensus map."""
-    shells = data.shells()
-    n_shells = data.box // 2 + 1
-    total = torch.zeros(n_shells, dtype=torch.float64, device=data.device)
-    rows = np.arange(len(data))
-    for r, proj in data.project(consensus, rows, batch):
-        idx = torch.as_tensor(r, device=data.device)
-        res = data.spectra[idx] - data.ctf[idx] * proj
-        total += shell_mean((res.abs() ** 2).double(), shells, n_shells) * len(r)
-    sigma2 = (total / len(rows)).cpu().numpy()
-    return np.maximum(sigma2, 1e-12 * max(sigma2.max(), 1e-30))
 
 
 def class_loglik(data: ParticleSpectra, rows: np.ndarray, maps: list, errors: list,
@@ -110,12 +113,80 @@ def class_loglik(data: ParticleSpectra, rows: np.ndarray, maps: list, errors: li
     return out, noise
 
 
+def copy_spectra(data: ParticleSpectra) -> ParticleSpectra:
+    """A copy whose poses and spectra can be changed (pose refinement) without
+    touching ``data``; the CTFs are shared."""
+    return dataclasses.replace(data, spectra=data.spectra.clone(), poses=np.array(data.poses, copy=True))
+
+
+@dataclass
+class ClassMaps:
+    """One class's maps from its weighted particles: ``halves`` (2 half maps),
+    ``fsc`` between them, ``filt``/``errs`` (each half map filtered by the FSC and
+    its error power per shell), ``full`` (average of the halves, Wiener-filtered
+    with SSNR × fudge) and ``ferr`` (its error power per shell)."""
+    halves: list
+    fsc: np.ndarray
+    filt: list
+    errs: list
+    full: np.ndarray
+    ferr: np.ndarray
+
+
+def class_maps(data: ParticleSpectra, weights: np.ndarray, halves: list, fudge: float) -> ClassMaps:
+    """Half maps, FSC and filtered maps of one class (weights ``(N,)``)."""
+    hm = [_reconstruct(data, rows, weights[rows])[0] for rows in halves]
+    _, f = fsc_curve(hm[0], hm[1], data.pixel_size_A)
+    f = np.clip(f, 0.0, 0.999)
+    filt = [apply_shell_filter(v, f) for v in hm]
+    errs = [shell_power(v) * f * (1 - f) for v in hm]
+    # full-map SNR fraction S/(S+N), and the filter with the SSNR × fudge
+    f2 = np.clip(2 * f / (1 + f), 0.0, 0.999)
+    ssnr = fudge * f2 / (1 - f2)
+    g = ssnr / (1 + ssnr)
+    avg = 0.5 * (hm[0] + hm[1])
+    # error power of g·(S + N) against S: S(1−g)² + N g²
+    ferr = shell_power(avg) * (f2 * (1 - g) ** 2 + (1 - f2) * g ** 2)
+    return ClassMaps(hm, f, filt, errs, apply_shell_filter(avg, g), ferr)
+
+
+def refine_consensus_poses(data: ParticleSpectra, search, rounds: int = 1,
+                           progress: Optional[Callable[[str], None]] = None
+                           ) -> tuple[ParticleSpectra, np.ndarray, np.ndarray]:
+    """Every particle's pose refined locally against the FSC-filtered consensus
+    map (``rounds`` times, the map rebuilt in between).
+
+    Args:
+        search: a :class:`..poses.local_search.LocalSearch`.
+
+    Returns:
+        ``(copy of data with the refined poses, consensus map with them,
+        origin corrections (N, 2) Å)``; ``data`` is unchanged.
+    """
+    from ..poses.local_search import apply_update, refine_poses
+    n = len(data)
+    out = copy_spectra(data)
+    halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
+    shift = np.zeros((n, 2))
+    for r in range(rounds):
+        ref = class_maps(out, np.ones(n), halves, 1.0).full
+        upd = refine_poses(out, ref, noise_spectrum(out, ref), search, progress=progress)
+        apply_update(out, upd)
+        shift[upd.rows] += upd.delta_origin_A
+        if progress:
+            progress(f"consensus pose refinement {r + 1}: median angular SD "
+                     f"{float(np.median(upd.angular_sd_deg)):.2f}°")
+    consensus, _ = _reconstruct(out, np.arange(n), np.ones(n))
+    return out, consensus, shift
+
+
 def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int = 8,
                        soft: bool = True, max_res_A: Optional[float] = None,
                        consensus: Optional[np.ndarray] = None, tol: float = 1e-3,
-                       cross: bool = False, fudge: float = 0.7,
+                       cross: bool = False, fudge: float = 0.7, search=None,
+                       pose_iterations: Optional[int] = None, pose_score: str = "pose",
                        progress: Optional[Callable[[str], None]] = None) -> RefineResult:
-    """EM over two classes with fixed poses.
+    """EM over two classes, with fixed poses or per-class local pose refinement.
 
     Args:
         data: particles as spectra (:func:`..particle_spectra.load_spectra`).
@@ -137,6 +208,13 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
             maps overfit each particle's own noise less), an 85/15
             compositional pair (SNR 0.02) 0.952 / 0.956 / 0.950 with 1 / 0.7 /
             0.5 (a small class needs its detail); 0.7 is the default.
+        search: a :class:`..poses.local_search.LocalSearch` for per-class pose
+            refinement (None: poses fixed). Every class aligns every particle
+            (a class-k likelihood needs the particle's class-k pose).
+        pose_iterations: iterations with a pose search (default: all).
+        pose_score: ``"pose"`` — the class likelihood at the refined class-k
+            pose (noise-aware, with the class map's error power); ``"evidence"``
+            — the search's log evidence (marginalised over the local poses).
     """
     n = len(data)
     q = np.asarray(init_prob, float).copy()
@@ -146,42 +224,44 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
     if consensus is None:
         consensus, _ = _reconstruct(data, np.arange(n), np.ones(n))
     sigma2 = noise_spectrum(data, consensus)
+    cdata, shifts = [data, data], None
+    if search is not None:
+        from ..poses.local_search import apply_update, refine_poses
+        cdata = [copy_spectra(data) for _ in range(2)]
+        shifts = np.zeros((2, n, 2))
+        pose_iterations = n_iter if pose_iterations is None else pose_iterations
     history, loglik = [], np.zeros((n, 2))
     classes = np.argmax(q, 1)
+    everyone = np.arange(n)
     for it in range(n_iter):
         w = q if soft else np.eye(2)[np.argmax(q, 1)]
-        half_maps = [[_reconstruct(data, rows, w[rows, k])[0] for rows in halves] for k in range(2)]
-        fscs, filt, errs = [], [], []
-        for k in range(2):
-            _, f = fsc_curve(half_maps[k][0], half_maps[k][1], data.pixel_size_A)
-            f = np.clip(f, 0.0, 0.999)
-            fscs.append(f)
-            filt.append([apply_shell_filter(v, f) for v in half_maps[k]])
-            errs.append([shell_power(v) * f * (1 - f) for v in half_maps[k]])
+        cm = [class_maps(cdata[k], w[:, k], halves, fudge) for k in range(2)]
+        fscs = [c.fsc for c in cm]
+        evidence = None
+        if search is not None and it < pose_iterations:
+            evidence = np.zeros((n, 2))
+            for k in range(2):
+                upd = refine_poses(cdata[k], cm[k].full, sigma2, search)
+                apply_update(cdata[k], upd)
+                shifts[k][upd.rows] += upd.delta_origin_A
+                evidence[upd.rows, k] = upd.log_evidence
         prior = np.clip(q.mean(0), 1e-3, 1.0)
         noise = np.zeros((n, 2, len(sigma2)))
-        if cross:
-            for h, rows in enumerate(halves):
-                other = 1 - h  # cross scoring: the other half's maps
-                loglik[rows], noise[rows] = class_loglik(data, rows, [filt[k][other] for k in range(2)],
-                                                         [errs[k][other] for k in range(2)], sigma2,
-                                                         max_shell)
-        else:
-            full, ferr = [], []
-            for k in range(2):
-                # full-map SNR fraction S/(S+N), and the filter with the SSNR × fudge
-                f2 = np.clip(2 * fscs[k] / (1 + fscs[k]), 0.0, 0.999)
-                ssnr = fudge * f2 / (1 - f2)
-                g = ssnr / (1 + ssnr)
-                avg = 0.5 * (half_maps[k][0] + half_maps[k][1])
-                full.append(apply_shell_filter(avg, g))
-                # error power of g·(S + N) against S: S(1−g)² + N g²
-                ferr.append(shell_power(avg) * (f2 * (1 - g) ** 2 + (1 - f2) * g ** 2))
-            # one map-error spectrum for both classes: per-class estimates from
-            # noisy FSCs bias every particle's likelihood ratio the same way
-            # (measured at box 64: accuracy 0.983 per class, 0.988 shared)
-            ferr = [0.5 * (ferr[0] + ferr[1])] * 2
-            loglik[:], noise[:] = class_loglik(data, np.arange(n), full, ferr, sigma2, max_shell)
+        # one map-error spectrum for both classes: per-class estimates from
+        # noisy FSCs bias every particle's likelihood ratio the same way
+        # (measured at box 64: accuracy 0.983 per class, 0.988 shared)
+        ferr = 0.5 * (cm[0].ferr + cm[1].ferr)
+        for k in range(2):
+            if cross:  # the other half's maps
+                for h, rows in enumerate(halves):
+                    ll, nz = class_loglik(cdata[k], rows, [cm[k].filt[1 - h]], [cm[k].errs[1 - h]],
+                                          sigma2, max_shell)
+                    loglik[rows, k], noise[rows, k] = ll[:, 0], nz[:, 0]
+            else:
+                ll, nz = class_loglik(cdata[k], everyone, [cm[k].full], [ferr], sigma2, max_shell)
+                loglik[:, k], noise[:, k] = ll[:, 0], nz[:, 0]
+        if evidence is not None and pose_score == "evidence":
+            loglik[:] = evidence
         logpost = loglik + np.log(prior)[None, :]
         total = float(logsumexp(logpost, axis=1).sum())
         q = softmax(logpost, axis=1)
@@ -198,8 +278,9 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
         if progress:
             progress(f"iteration {it + 1}: {changed:.2%} changed, class sizes "
                      f"{int((classes == 0).sum())}/{int((classes == 1).sum())}")
-        if changed < tol and it > 0:
+        if changed < tol and it > 0 and (search is None or it + 1 >= min(pose_iterations, 3)):
             break
     w = q if soft else np.eye(2)[classes]
-    maps = np.stack([_reconstruct(data, np.arange(n), w[:, k])[0] for k in range(2)])
-    return RefineResult(q, classes + 1, loglik, maps, np.stack(fscs), total, history)
+    maps = np.stack([_reconstruct(cdata[k], everyone, w[:, k])[0] for k in range(2)])
+    return RefineResult(q, classes + 1, loglik, maps, np.stack(fscs), total, history,
+                        cdata if search is not None else None, shifts)
