@@ -191,7 +191,7 @@ def test_signature_follows_rows_stacks_settings_and_files(tmp_path, stars):
     shutil.copy(stars[0], tmp_path / "copy.star")
     assert _signature(io.read_particles(tmp_path / "copy.star"), cfg, 0) == sig
     assert _signature(star, cfg, 1) != sig
-    assert _signature(star, HeterogeneityConfig(segmentation=str(seg), rounds=3), 0) != sig
+    assert _signature(star, HeterogeneityConfig(segmentation=str(seg), rounds=5), 0) != sig
     changed = io.read_particles(stars[0])
     changed.particles.loc[5, "rlnDefocusU"] += 1.0
     assert _signature(changed, cfg, 0) != sig

@@ -387,8 +387,9 @@ def test_every_program_carries_every_input_column(rich_star, sim_small, tmp_path
     assert graph_max_cut.run(["-i", str(out / "cls"), "--particles", str(star), "-o", str(out / "graph")]
                              + data) == 0
     _assert_carried(star, out / "graph" / "particles.star")
+    # poses kept (--sigma-ang 0): refined poses would be new values in the pose columns
     assert refine_classes.run(["-i", str(out / "graph" / "particles.star"), "-o", str(out / "refine"),
-                               "--iterations", "1"] + data) == 0
+                               "--iterations", "1", "--sigma-ang", "0"] + data) == 0
     _assert_carried(star, out / "refine" / "particles.star")
     assert gmm_heterogeneity.run(["-i", str(star), "-o", str(out / "het"), "--motions", "1", "--rounds", "0",
                                   "--consensus-epochs", "0", "--final-epochs", "0", "--frames", "2",

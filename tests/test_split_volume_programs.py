@@ -87,7 +87,8 @@ def test_pooled_detector(sim_pair, tmp_path):
 def test_both_starts_keep_the_supported_pooled_split(classified, sim_pair):
     out = classified / "both"
     assert refine_classes.run(["-i", str(classified / "graph" / "particles.star"), "-o", str(out),
-                               "--init", "both", "--iterations", "2", "--eigen-iterations", "6"]) == 0
+                               "--init", "both", "--iterations", "2", "--eigen-iterations", "6",
+                               "--choose", "support"]) == 0
     summary = io.read_star_table(out / "summary.star", "summary")
     assert summary["rlnGsplatStartedFrom"].iloc[0] == "pooled"
     assert float(summary["rlnGsplatAgreementBetweenStarts"].iloc[0]) > 0.95

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from ..fsc import fsc_curve, lowpass, resolution_at
 from ..io import ImageReader, InputError, ParticleStar, read_map
@@ -205,6 +206,8 @@ def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rou
     box, pix = star.box_size, star.pixel_size
     work = working_box(0, box, pix, target_pixel_A=target_pixel_A)
     data = load_spectra(star, reader, work, device)
+    if not bool(torch.isfinite(torch.view_as_real(data.spectra)).all()):
+        raise InputError(f"{star.path}: the particle images contain NaN or infinite pixels")
     total, _, _ = refine_iteratively(data, None, search, rounds, progress=log)
     return with_poses(star, data.poses, star.shifts_A() + total.delta_origin_A)
 
