@@ -36,13 +36,14 @@ import os
 
 import numpy as np
 
-from scipion_gsplat.core import geometry, io
+from scipion_gsplat.core import io
 from scipion_gsplat.core.heterogeneity import analysis
 from scipion_gsplat.core.heterogeneity.pipeline import HeterogeneityConfig, run_heterogeneity
 from scipion_gsplat.core.heterogeneity.plots import save_report
 from scipion_gsplat.core.heterogeneity.poses import POSE_METHODS, correction_summary
 from scipion_gsplat.core.io import InputError, atomic_path
 from scipion_gsplat.core.poses.rotations import compose
+from scipion_gsplat.core.poses.star import pose_columns
 from scipion_gsplat.core.safety import ProgramFiles
 
 from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime
@@ -164,17 +165,6 @@ def check_segmentation(path, box: int) -> None:
                              f"the particles are {box} px: give a segmentation of the particles' box")
 
 
-def write_pose_columns(parts, star, omega: np.ndarray, shift_A: np.ndarray) -> None:
-    """Put the refined poses into the table ``parts`` (in place): rlnAngleRot/Tilt/Psi,
-    rlnOriginX/YAngst (input origin + correction) and rlnGsplatAngleChange (degrees)."""
-    euler = geometry.matrix_to_euler(compose(star.poses(), omega))
-    for k, col in enumerate(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")):
-        parts[col] = euler[:, k]
-    origin = star.shifts_A() + shift_A
-    parts["rlnOriginXAngst"], parts["rlnOriginYAngst"] = origin[:, 0], origin[:, 1]
-    parts["rlnGsplatAngleChange"] = np.degrees(np.linalg.norm(omega, axis=1))
-
-
 def part_sizes(mm) -> list:
     """Gaussians in each moving part ([] without parts)."""
     if mm.parts is None:
@@ -232,7 +222,9 @@ def main(args) -> None:
         summary["classes"] = analysis.write_subset_maps(mm, centres, args.output, box, pix, device)
         summary["class_sizes"] = [int((labels == c).sum()) for c in range(1, args.classes + 1)]
     if res.pose_omega is not None:
-        write_pose_columns(parts, star, res.pose_omega, res.pose_shift_A)
+        for col, values in pose_columns(star, compose(star.poses(), res.pose_omega),
+                                        star.shifts_A() + res.pose_shift_A).items():
+            parts[col] = values
         summary["pose_refinement"] = correction_summary(res.pose_omega, res.pose_shift_A, pix)
     io.write_particles(out("particles.star"), star, parts)
     mm.save(out("heterogeneity.npz"), z, explained=res.explained, user_coordinates=u)

@@ -35,9 +35,10 @@ import time
 import numpy as np
 import pandas as pd
 
-from scipion_gsplat.core import geometry, io, masks
+from scipion_gsplat.core import io, masks
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import load_spectra
+from scipion_gsplat.core.poses.star import pose_columns
 from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.split_volume import files, heldout, pooled, refine
 
@@ -201,16 +202,6 @@ def _reproducible_choice(args, data, starts, final, pool, mask, summary) -> str:
     return best
 
 
-def _pose_columns(star, mats: np.ndarray, shift_A: np.ndarray) -> dict:
-    """RELION pose columns (angles in degrees, origins in Å) of refined poses,
-    and the angle change from the input poses (degrees)."""
-    e = geometry.matrix_to_euler(mats)
-    origin = star.shifts_A() + shift_A
-    return {"rlnAngleRot": e[:, 0], "rlnAngleTilt": e[:, 1], "rlnAnglePsi": e[:, 2],
-            "rlnOriginXAngst": origin[:, 0], "rlnOriginYAngst": origin[:, 1],
-            "rlnGsplatAngleChange": geometry.angular_distance_deg(mats, star.poses())}
-
-
 def main(args) -> None:
     device = setup_runtime(args)
     t0 = time.time()
@@ -298,7 +289,7 @@ def main(args) -> None:
             shift = consensus_shift + r.origin_shift_A[cls_idx, np.arange(len(data))]
         else:
             mats, shift = data.poses, consensus_shift
-        pose_cols = _pose_columns(star, mats, shift)
+        pose_cols = pose_columns(star, mats, star.shifts_A() + shift)
         summary["median_angle_change_deg"] = float(np.median(pose_cols["rlnGsplatAngleChange"]))
     if (classes == 1).sum() < (classes == 2).sum():  # class 1 = the larger class
         classes, prob = 3 - classes, prob[:, ::-1]
