@@ -84,3 +84,82 @@ def sim_motion(tmp_path_factory, lysozyme_pdb) -> Path:
                          "--n-states", "10", "--seed", "6", "--device", "cpu", "--threads", "1"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def gui_display():
+    """A virtual X display (Xvfb) for the GUI tests, with matplotlib's TkAgg
+    backend and Scipion's plotter switched to it; yields the display name."""
+    import os
+
+    from gui_support import start_xvfb
+    proc, display = start_xvfb()
+    saved = os.environ.get("DISPLAY")
+    os.environ["DISPLAY"] = display
+    from pyworkflow.gui.plotter import Plotter
+    Plotter.setBackend("TkAgg")
+    from gui_support import tk_root
+    tk_root()
+    yield display
+    import tkinter as tk
+    if tk._default_root is not None:
+        tk._default_root.destroy()
+    Plotter.setBackend("Agg")
+    if saved is None:
+        os.environ.pop("DISPLAY", None)
+    else:
+        os.environ["DISPLAY"] = saved
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def gui_runs(tmp_path_factory, sim_pair, sim_small, sim_motion):
+    """One project with finished small runs of every method, for the GUI tests:
+    a dict with ``project`` and the protocols ``split`` (graph refine, 2 classes),
+    ``splat`` (half maps), ``het`` (2 motions, 3 frames, 3 classes) and the
+    imports ``pair``, ``small``, ``motion``. Tests that use it must run inside
+    the project folder (fixture ``in_gui_project``)."""
+    import os
+
+    from scipion_gsplat.headless import launch_and_wait, new_project
+    from scipion_gsplat.protocols import (ProtGsplatGmmHeterogeneity, ProtGsplatImportParticlesStar,
+                                          ProtGsplatReconstructSplat, ProtGsplatSplitVolume)
+    from scipion_gsplat.protocols.protocol_split_volume import MODE_GRAPH_REFINE
+    cwd = os.getcwd()
+    proj = new_project("gsplat_gui", tmp_path_factory.mktemp("gui_projects"))
+    os.chdir(proj.path)
+    try:
+        runs = {"project": proj}
+        for key, sim in (("pair", sim_pair), ("small", sim_small), ("motion", sim_motion)):
+            imp = proj.newProtocol(ProtGsplatImportParticlesStar, starFile=str(sim / "particles.star"))
+            imp.setObjLabel(f"import {key}")
+            runs[key] = launch_and_wait(proj, imp, timeout=300)
+
+        def child(cls, source, label, **settings):
+            prot = proj.newProtocol(cls, **settings)
+            prot.setObjLabel(label)
+            prot.inputParticles.set(source)
+            prot.inputParticles.setExtended("outputParticles")
+            return launch_and_wait(proj, prot, timeout=900)
+
+        runs["split"] = child(ProtGsplatSplitVolume, runs["pair"], "split volume", mode=MODE_GRAPH_REFINE,
+                              angularSampling=10.0, refineIterations=4, numberOfThreads=2)
+        runs["splat"] = child(ProtGsplatReconstructSplat, runs["small"], "gaussian splat", nGaussians=300,
+                              iterations=2, batchSize=32, doHalves=True, numberOfThreads=1)
+        runs["het"] = child(ProtGsplatGmmHeterogeneity, runs["motion"], "gmm heterogeneity", nGaussians=400,
+                            consensusEpochs=3, nMotions=2, rounds=2, nFrames=3, nClasses=3, numberOfThreads=1)
+    finally:
+        os.chdir(cwd)
+    return runs
+
+
+@pytest.fixture
+def in_gui_project(gui_runs):
+    """Run a test inside the GUI project's folder (viewers use project-relative
+    paths); yields ``gui_runs``."""
+    import os
+    cwd = os.getcwd()
+    os.chdir(gui_runs["project"].path)
+    yield gui_runs
+    os.chdir(cwd)

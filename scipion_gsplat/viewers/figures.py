@@ -5,6 +5,18 @@ import os
 from typing import Callable, Iterable
 
 
+def constrained_plotter(**kwargs):
+    """A Scipion ``EmPlotter`` whose figure uses matplotlib's constrained layout
+    (colour bars next to image panels). Scipion's plotter calls ``tight_layout``
+    when shown, which matplotlib refuses on a constrained figure ("Colorbar
+    layout of new layout engine not compatible"): that call is switched off."""
+    from pwem.viewers.plotter import EmPlotter
+    plotter = EmPlotter(**kwargs)
+    plotter.getFigure().set_layout_engine("constrained")
+    plotter.tightLayoutOn = False
+    return plotter
+
+
 def save_plotters(folder: str, makers: Iterable[tuple[str, Callable]]) -> list:
     """Call each ``(name, make)`` maker (returning a Scipion ``EmPlotter``), save its
     figure as ``<folder>/<name>.png``, close it; return the paths in order."""
