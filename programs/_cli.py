@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from scipion_gsplat.core import safety
+from scipion_gsplat.core import distributed, safety
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import working_box  # noqa: F401  (re-exported for the programs)
 
@@ -169,9 +169,15 @@ def _one_line_error(prog: str, args, msg: str) -> int:
 
 
 def run_program(prog: str, description: str, add_args: Callable, main: Callable,
-                argv: Optional[Sequence[str]] = None, files: Optional[Callable] = None) -> int:
+                argv: Optional[Sequence[str]] = None, files: Optional[Callable] = None,
+                ranks: bool = False) -> int:
     """Parse ``argv``, check the outputs (:func:`guard_files` with ``files``),
     run ``main(args)``, turn bad input into a one-line error.
+
+    ``ranks``: the program splits its work over several processes (srun,
+    torchrun, mpirun; :mod:`scipion_gsplat.core.distributed`). A program without
+    it refuses to start as one of several ranks (they would all write the same
+    files).
 
     Returns:
         the exit code (0 on success, 2 on bad input).
@@ -180,6 +186,10 @@ def run_program(prog: str, description: str, add_args: Callable, main: Callable,
     args = parser.parse_args(argv)
     created, ok = [], False
     try:
+        size = distributed.detect()[1]
+        if size > 1 and not ranks:
+            raise InputError(f"{prog} runs as one process; it was started as one of {size} "
+                             "(srun/mpirun/torchrun): start it once, with --threads for more cores")
         if files is not None:
             created = guard_files(args, files)
         main(args)
@@ -193,18 +203,20 @@ def run_program(prog: str, description: str, add_args: Callable, main: Callable,
         return _one_line_error(prog, args, f"{exc.strerror or exc}{where}")
     finally:
         _GUARD_STARS.clear()
+        distributed.shutdown()
         if not ok:
             safety.remove_empty_folders(created)
     return 0
 
 
 def console_entry(prog: str, description: str, add_args: Callable, main: Callable,
-                  files: Optional[Callable] = None) -> Callable:
+                  files: Optional[Callable] = None, ranks: bool = False) -> Callable:
     """A ``run(argv=None)`` function suitable for a console-script entry point;
     ``files`` (``args → safety.ProgramFiles``) names what the program reads and
-    writes, for :func:`guard_files`."""
+    writes, for :func:`guard_files`; ``ranks``: it runs as several processes
+    (see :func:`run_program`)."""
     def run(argv: Optional[Sequence[str]] = None) -> int:
-        code = run_program(prog, description, add_args, main, argv, files)
+        code = run_program(prog, description, add_args, main, argv, files, ranks)
         if argv is None:  # called as a script: exit with the code
             sys.exit(code)
         return code

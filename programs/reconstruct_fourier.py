@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from scipion_gsplat.core import io
+from scipion_gsplat.core import distributed, io
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.reconstruct import reconstruct_particles
 from scipion_gsplat.core.safety import ProgramFiles
@@ -66,6 +66,8 @@ def program_files(args) -> ProgramFiles:
 
 def main(args) -> None:
     device = setup_runtime(args)
+    world = distributed.init(device)
+    device = distributed.rank_device(device, world)
     symmetry = normalize_symmetry_name(args.sym)
     star, _ = read_posed_particles(args)
     if not args.no_ctf and not star.has_ctf:
@@ -80,11 +82,16 @@ def main(args) -> None:
     if args.maxres is not None and args.maxres <= 0:
         raise InputError("--maxres must be positive")
     n = len(star) if rows is None else len(rows)
-    print(f"gsplat_reconstruct_fourier: {n} particles, symmetry {symmetry}, device {device}", flush=True)
+    ranks = f", {world.size} ranks" if world.size > 1 else ""
+    if world.is_main:
+        print(f"gsplat_reconstruct_fourier: {n} particles, symmetry {symmetry}, device {device}{ranks}",
+              flush=True)
     rec = reconstruct_particles(star, symmetry=symmetry, device=device, wiener=args.wiener,
                                 fudge=args.tau2_fudge, chunk_size=args.chunk, rows=rows,
-                                progress=Progress("back-projecting"), use_ctf=not args.no_ctf,
-                                maxres_A=args.maxres)
+                                progress=Progress("back-projecting") if world.is_main else None,
+                                use_ctf=not args.no_ctf, maxres_A=args.maxres, world=world)
+    if not world.is_main:  # rank 0 solves and writes
+        return
     names = output_names(args.output)
     os.makedirs(os.path.dirname(os.path.abspath(names["map"])), exist_ok=True)
     io.write_map(names["map"], rec.full, rec.pixel_size_A)
@@ -98,7 +105,8 @@ def main(args) -> None:
     print(f"gsplat_reconstruct_fourier: wrote {names['map']}", flush=True)
 
 
-run = console_entry("gsplat_reconstruct_fourier", DESCRIPTION, add_args, main, files=program_files)
+run = console_entry("gsplat_reconstruct_fourier", DESCRIPTION, add_args, main, files=program_files,
+                    ranks=True)
 
 if __name__ == "__main__":
     run()

@@ -163,3 +163,25 @@ def in_gui_project(gui_runs):
     os.chdir(gui_runs["project"].path)
     yield gui_runs
     os.chdir(cwd)
+
+
+@pytest.fixture(scope="session")
+def slurm_queue(tmp_path_factory):
+    """A real Slurm queue with two virtual nodes on this machine
+    (scripts/slurm_local.sh), stopped at the end; yields the environment
+    (``SLURM_CONF`` set) for subprocesses."""
+    import os
+    import subprocess
+    import socket
+    folder = tmp_path_factory.mktemp("slurm")
+    script = Path(__file__).parents[1] / "scripts" / "slurm_local.sh"
+    with socket.socket() as sock:  # a free port for the controller (the nodes take the next two)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    port = min(port, 65000)
+    started = subprocess.run(["bash", str(script), "start", "2", str(folder)], capture_output=True, text=True,
+                             env=dict(os.environ, GSPLAT_SLURM_PORT=str(port)))
+    assert started.returncode == 0, started.stdout + started.stderr
+    env = dict(os.environ, SLURM_CONF=str(folder / "slurm.conf"))
+    yield env
+    subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True)

@@ -184,6 +184,15 @@ class FourierAccumulator:
         w[:, :, 0] = w0 + w0[mirror][:, mirror]
         return d, w
 
+    def all_reduce(self, world) -> "FourierAccumulator":
+        """Add the sums of every rank (a :class:`~scipion_gsplat.core.distributed.World`);
+        afterwards each rank holds the sums over all particles."""
+        if world is not None and world.size > 1:
+            world.all_reduce_(self._d)
+            world.all_reduce_(self._w)
+            self.count = world.sum_int(self.count)
+        return self
+
     def __iadd__(self, other: "FourierAccumulator"):
         self._d += other._d
         self._w += other._w
@@ -249,11 +258,14 @@ def _interp_shells(values: torch.Tensor, shell: torch.Tensor) -> torch.Tensor:
 def backproject_halves(star: ParticleStar, reader: ImageReader, symmetry: str = "C1",
                        device="cpu", chunk_size: int = 256, rows=None,
                        progress: Optional[Callable[[int, int], None]] = None,
-                       use_ctf: bool = True, maxres_A: Optional[float] = None):
+                       use_ctf: bool = True, maxres_A: Optional[float] = None, world=None):
     """Back-project every particle (or ``rows``) into its half set's accumulator.
 
     Args:
         maxres_A: use Fourier components up to this resolution (Å) only.
+        world: a :class:`~scipion_gsplat.core.distributed.World` of several
+            ranks: each back-projects its share of the rows and the sums are
+            added over ranks (map-reduce); None or one rank: every row here.
 
     Returns:
         ``(acc_half1, acc_half2)``.
@@ -266,6 +278,8 @@ def backproject_halves(star: ParticleStar, reader: ImageReader, symmetry: str = 
     poses, shifts = star.poses(), star.shifts_A()
     ctf = star.ctf_params() if (use_ctf and star.has_ctf) else None
     rows = np.arange(len(star)) if rows is None else np.asarray(rows)
+    if world is not None:
+        rows = world.shard(rows)
     done = 0
     for sel, imgs in reader.chunks(chunk_size, rows):
         imgs_t = torch.from_numpy(imgs)
@@ -279,6 +293,8 @@ def backproject_halves(star: ParticleStar, reader: ImageReader, symmetry: str = 
         done += len(sel)
         if progress:
             progress(done, len(rows))
+    for acc in accs:
+        acc.all_reduce(world)
     return accs
 
 
@@ -308,7 +324,7 @@ def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: boo
 def reconstruct_particles(star: ParticleStar, symmetry: str = "C1", device="cpu",
                           wiener: bool = False, fudge: float = 1.0, chunk_size: int = 256,
                           rows=None, progress=None, use_ctf: bool = True,
-                          maxres_A: Optional[float] = None) -> Reconstruction:
+                          maxres_A: Optional[float] = None, world=None) -> Reconstruction:
     """Reconstruct a map with half maps and FSC from a particle table.
 
     Args:
@@ -318,12 +334,14 @@ def reconstruct_particles(star: ParticleStar, symmetry: str = "C1", device="cpu"
         fudge: multiplies the SSNR (RELION's tau2_fudge).
         rows: restrict to these particle rows.
         maxres_A: highest resolution used (Å).
+        world: split the back-projection over the ranks of this
+            :class:`~scipion_gsplat.core.distributed.World` (None: one process).
     """
     reader = ImageReader(star)
     reader.check()
     t0 = time.time()
     acc1, acc2 = backproject_halves(star, reader, symmetry, device, chunk_size, rows,
-                                    progress, use_ctf, maxres_A)
+                                    progress, use_ctf, maxres_A, world)
     if acc1.count == 0 or acc2.count == 0:
         raise InputError("both half sets need particles (rlnRandomSubset 1 and 2)")
     rec = solve_halves(acc1, acc2, wiener, fudge)

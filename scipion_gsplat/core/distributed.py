@@ -1,0 +1,187 @@
+"""Several processes (ranks) on one or many nodes, on torch.distributed.
+
+One helper for every program: the rank and the number of ranks come from the
+launcher's environment, so the same command runs alone, under ``torchrun``,
+under Slurm's ``srun`` or under ``mpirun`` (Scipion's MPI path):
+
+=============  ==========================  ===========================
+launcher       rank / size                 local rank (GPU choice)
+=============  ==========================  ===========================
+torchrun       RANK / WORLD_SIZE           LOCAL_RANK
+srun           SLURM_PROCID / SLURM_NTASKS SLURM_LOCALID
+Open MPI       OMPI_COMM_WORLD_RANK/SIZE   OMPI_COMM_WORLD_LOCAL_RANK
+MPICH, Intel   PMI_RANK / PMI_SIZE         MPI_LOCALRANKID
+=============  ==========================  ===========================
+
+The processes meet at ``MASTER_ADDR:MASTER_PORT`` (torchrun sets them; under
+srun the first node of the step and a port derived from the job id). Backend:
+gloo on CPU, NCCL on CUDA. Work is split by particle rows (:meth:`World.shard`);
+sums (back-projection accumulators, gradients) are added over ranks with
+:meth:`World.all_reduce_`; only rank 0 writes files (:attr:`World.is_main`).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+_LAUNCHERS = (  # (rank, size, local rank) variables, in order of precedence
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def detect(env: Mapping[str, str] = os.environ) -> tuple:
+    """``(rank, size, local_rank, launcher)`` from the environment; ``(0, 1, 0, None)``
+    for a plain process. Slurm's variables count only inside an ``srun`` step
+    (``SLURM_STEP_ID`` set): a batch script itself is one process."""
+    for rank_var, size_var, local_var in _LAUNCHERS:
+        if rank_var not in env or size_var not in env:
+            continue
+        if rank_var == "SLURM_PROCID" and "SLURM_STEP_ID" not in env:
+            continue
+        size = int(env[size_var])
+        if size <= 1:
+            continue
+        rank = int(env[rank_var])
+        local = int(env.get(local_var, rank))
+        return rank, size, local, rank_var
+    return 0, 1, 0, None
+
+
+def _slurm_master(env: Mapping[str, str]) -> Optional[str]:
+    """Address of the first node of the Slurm step (its NodeAddr, which also works
+    for virtual nodes that share one host)."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                               text=True, timeout=30).stdout.split()[0]
+        info = subprocess.run(["scontrol", "-o", "show", "node", first], capture_output=True,
+                              text=True, timeout=30).stdout
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return None
+    for field in info.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1]
+    return first
+
+
+def _master(env: Mapping[str, str], launcher: str) -> tuple:
+    addr = env.get("MASTER_ADDR")
+    if addr is None and launcher == "SLURM_PROCID":
+        addr = _slurm_master(env)
+    port = env.get("MASTER_PORT")
+    if port is None:
+        job = env.get("SLURM_JOB_ID", "0")
+        step = env.get("SLURM_STEP_ID", "0")
+        port = str(20000 + (int(job) * 7 + int(step)) % 20000 if job.isdigit() and step.isdigit() else 29517)
+    return addr or "127.0.0.1", int(port)
+
+
+@dataclass
+class World:
+    """This process's place among the ranks.
+
+    Attributes:
+        rank: 0 … size−1.
+        size: number of processes (1 = no torch.distributed).
+        local_rank: rank among the processes of this node (picks the GPU).
+        backend: "gloo", "nccl" or None (one process).
+    """
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the one that prints summaries and writes files."""
+        return self.rank == 0
+
+    def shard(self, rows) -> np.ndarray:
+        """This rank's contiguous share of ``rows`` (an int ``n`` means ``arange(n)``)."""
+        rows = np.arange(rows) if np.isscalar(rows) else np.asarray(rows)
+        return np.array_split(rows, self.size)[self.rank]
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (complex tensors too); returns it."""
+        if self.size > 1:
+            target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+            torch.distributed.all_reduce(target)
+        return tensor
+
+    def sum_int(self, value: int) -> int:
+        """Sum of an integer over ranks."""
+        if self.size == 1:
+            return int(value)
+        t = torch.tensor([int(value)], dtype=torch.float64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        self.all_reduce_(t)
+        return int(round(float(t.item())))
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def rank_device(device: str, world: "World") -> str:
+    """The device of this rank: ``cuda`` → ``cuda:<local rank mod visible GPUs>``.
+
+    Under Slurm a job sees only its own GPUs, renumbered from 0 in
+    ``CUDA_VISIBLE_DEVICES``; a raw GPU id from outside the job would be wrong,
+    so ranks pick among the visible devices by local rank."""
+    if device.startswith("cuda") and world.size > 1:
+        n = max(torch.cuda.device_count(), 1)
+        return f"cuda:{world.local_rank % n}"
+    return device
+
+
+_WORLD: Optional[World] = None
+
+
+def init(device: str = "cpu", env: Mapping[str, str] = os.environ, timeout_s: float = 600.0) -> World:
+    """Join the other ranks (once per process) and return the :class:`World`.
+
+    A single process returns ``World()`` without touching torch.distributed."""
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    rank, size, local, launcher = detect(env)
+    if size == 1:
+        _WORLD = World()
+        return _WORLD
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    addr, port = _master(env, launcher)
+    torch.distributed.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                                         world_size=size, timeout=datetime.timedelta(seconds=timeout_s))
+    _WORLD = World(rank, size, local, backend)
+    if backend == "nccl":
+        torch.cuda.set_device(rank_device(device, _WORLD))
+    return _WORLD
+
+
+def current() -> World:
+    """The world set up by :func:`init` (one process when it has not run)."""
+    return _WORLD if _WORLD is not None else World()
+
+
+def shutdown() -> None:
+    """Leave torch.distributed (end of a program); safe to call twice."""
+    global _WORLD
+    if _WORLD is not None:
+        _WORLD.close()
+    _WORLD = None

@@ -1,0 +1,83 @@
+"""Several ranks (torch.distributed) give the one-process result: the rank
+variables of each launcher, srun over two Slurm nodes, torchrun, and the refusal
+of programs that run as one process."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scipion_gsplat.core import distributed, io
+
+BIN = Path(sys.executable).parent
+
+
+def test_rank_variables_of_each_launcher():
+    assert distributed.detect({}) == (0, 1, 0, None)
+    assert distributed.detect({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"})[:3] == (1, 4, 1)
+    assert distributed.detect({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3",
+                               "OMPI_COMM_WORLD_LOCAL_RANK": "0"})[:3] == (2, 3, 0)
+    assert distributed.detect({"PMI_RANK": "1", "PMI_SIZE": "2"})[:3] == (1, 2, 1)
+    slurm = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+    # a batch script is one process; an srun step is a rank
+    assert distributed.detect(slurm)[1] == 1
+    assert distributed.detect(dict(slurm, SLURM_STEP_ID="0"))[:3] == (1, 2, 0)
+
+
+def test_shards_cover_every_row_once():
+    rows = np.arange(10, 33)
+    parts = [distributed.World(r, 3).shard(rows) for r in range(3)]
+    assert np.array_equal(np.concatenate(parts), rows)
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
+def test_programs_without_ranks_refuse_to_run_as_several(monkeypatch, tmp_path, capsys):
+    from scipion_gsplat.programs import simulate
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = simulate.run(["-i", "x.pdb", "-o", str(tmp_path / "out")])
+    assert code == 2
+    assert "runs as one process" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _map(path):
+    data = io.read_map(str(path))
+    return data[0] if isinstance(data, tuple) else data
+
+
+def _reconstruct_cmd(star, out):
+    return [str(BIN / "gsplat_reconstruct_fourier"), "-i", str(star), "-o", str(out), "--halves",
+            "--threads", "1", "--device", "cpu"]
+
+
+def test_fourier_reconstruction_over_two_slurm_nodes(slurm_queue, sim_small, tmp_path):
+    from scipion_gsplat.programs import reconstruct_fourier
+    star = sim_small / "particles.star"
+    assert reconstruct_fourier.run(["-i", str(star), "-o", str(tmp_path / "one" / "map.mrc"), "--halves",
+                                    "--threads", "1", "--device", "cpu"]) == 0
+    two = subprocess.run(["srun", "-N2", "-n2", *_reconstruct_cmd(star, tmp_path / "two" / "map.mrc")],
+                         env=slurm_queue, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "2 ranks" in two.stdout
+    one_map, two_map = _map(tmp_path / "one" / "map.mrc"), _map(tmp_path / "two" / "map.mrc")
+    assert np.abs(one_map - two_map).max() <= 1e-5 * np.abs(one_map).max()
+    for half in ("half1", "half2"):
+        a, b = _map(tmp_path / "one" / f"map_{half}.mrc"), _map(tmp_path / "two" / f"map_{half}.mrc")
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_fourier_reconstruction_under_torchrun(sim_small, tmp_path):
+    torchrun = BIN / "torchrun"
+    assert torchrun.exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29611",
+           str(BIN / "gsplat_reconstruct_fourier"), *_reconstruct_cmd(sim_small / "particles.star",
+                                                                     tmp_path / "map.mrc")[1:]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 ranks" in done.stdout
+    assert _map(tmp_path / "map.mrc").std() > 0
