@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-HOSTS_CONF = "[localhost]\nPARALLEL_COMMAND = mpirun -np %_(JOB_NODES)d %_(COMMAND)s\n"
+#: The local host of a headless project: several processes of a program (the
+#: form's MPI field) are started by torchrun, which needs no MPI installation.
+HOSTS_CONF = ("[localhost]\nPARALLEL_COMMAND = {python} -m torch.distributed.run --no-python --standalone "
+              "--nproc-per-node %_(JOB_NODES)d %_(COMMAND)s\n")
 
 
 def configure(root) -> Path:
@@ -31,7 +34,7 @@ def configure(root) -> Path:
     for sub in ("home", "userdata/projects", "tests", "config"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     hosts = root / "config" / "hosts.conf"
-    hosts.write_text(HOSTS_CONF)
+    hosts.write_text(HOSTS_CONF.format(python=sys.executable))
     os.environ.update({
         "SCIPION_HOME": str(root / "home"),
         "SCIPION_USER_DATA": str(root / "userdata"),

@@ -81,3 +81,26 @@ def test_fourier_reconstruction_under_torchrun(sim_small, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 ranks" in done.stdout
     assert _map(tmp_path / "map.mrc").std() > 0
+
+
+def _protocol_map(project, prot):
+    return _map(os.path.join(project.path, prot.outputVolume.getFileName()))
+
+
+def test_the_protocols_mpi_field_starts_ranks(project, sim_small):
+    """Scipion's MPI path on a workstation: numberOfMpi=2 runs the program as two
+    ranks (the host's PARALLEL_COMMAND, torchrun here) with the one-rank map."""
+    from scipion_gsplat.headless import launch_and_wait
+    from scipion_gsplat.protocols import ProtGsplatImportParticlesStar, ProtGsplatReconstructFourier
+    imp = launch_and_wait(project, project.newProtocol(ProtGsplatImportParticlesStar,
+                                                       starFile=str(sim_small / "particles.star")))
+    maps = {}
+    for n in (1, 2):
+        prot = project.newProtocol(ProtGsplatReconstructFourier, numberOfMpi=n, numberOfThreads=1)
+        prot.inputParticles.set(imp)
+        prot.inputParticles.setExtended("outputParticles")
+        launch_and_wait(project, prot, timeout=300)
+        log = open(os.path.join(project.path, prot.getStdoutLog())).read()
+        assert ("2 ranks" in log) == (n == 2)
+        maps[n] = _protocol_map(project, prot)
+    assert np.abs(maps[1] - maps[2]).max() <= 1e-5 * np.abs(maps[1]).max()

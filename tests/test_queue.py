@@ -125,3 +125,17 @@ def test_a_cancelled_job_leaves_the_protocol_failed_and_resumable(queue_project,
     launch_and_wait(queue_project, prot, timeout=600)
     assert prot.outputVolume is not None
     assert len(prot.getJobIds()) == 1 and int(prot.getJobIds()[0]) != job
+
+
+def test_mpi_processes_become_slurm_tasks(queue_project, imported, slurm_queue):
+    """numberOfMpi=2 through the queue: one job with two tasks started by srun
+    (the template's PARALLEL_COMMAND); the program runs as two ranks."""
+    from scipion_gsplat.protocols import ProtGsplatReconstructFourier
+    prot = queue_project.newProtocol(ProtGsplatReconstructFourier, numberOfMpi=2, numberOfThreads=1)
+    prot.inputParticles.set(imported)
+    prot.inputParticles.setExtended("outputParticles")
+    launch_and_wait(queue_project, _queued(prot), timeout=600)
+    assert "#SBATCH --ntasks=2" in Path(prot._getLogsPath(f"{prot.strId()}.job")).read_text()
+    log = Path(prot.getStdoutLog()).read_text()
+    assert "srun --mpi=none -n 2" in log and "2 ranks" in log
+    assert prot.outputVolume is not None

@@ -7,29 +7,71 @@ from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 from .. import Plugin
 
 
-class GsplatProgramMixin:
+PLUGIN_LABEL = "gsplat"
+
+
+class GsplatLabelMixin:
+    """Run labels as "gsplat - <protocol label>".
+
+    Scipion names a new run ``<plugin name> - <label>`` and shows it in the
+    Methods and Summary tabs as ``_<run name>_`` (italics); the plugin's module
+    name, ``scipion_gsplat``, holds an underscore that ends the italics early
+    (the text read "*scipion*gsplat ..._"). The tree section is "gsplat" too.
+    """
+
+    @classmethod
+    def getClassLabel(cls, prependPackageName=True):
+        label = cls.__dict__.get("_label", cls.__name__)
+        return f"{PLUGIN_LABEL} - {label}" if prependPackageName else label
+
+
+class GsplatProgramMixin(GsplatLabelMixin):
     """Mixin for protocols that run ``gsplat_*`` programs.
 
     Adds the parallel section (threads), the GPU selection and a seed, and
     builds the common program arguments from them.
     """
 
-    def _defineComputeParams(self, form, threads: int = 2, gpu: bool = True) -> None:
-        """Add the seed, GPU and thread parameters (call at the end of _defineParams)."""
+    def _defineComputeParams(self, form, threads: int = 2, gpu: bool = True, mpi: bool = False) -> None:
+        """Add the seed, GPU and thread parameters (call at the end of _defineParams);
+        ``mpi``: also the number of processes (the program splits its work over
+        ranks, see :mod:`scipion_gsplat.core.distributed`)."""
         form.addParam("seed", params.IntParam, default=0, expertLevel=params.LEVEL_ADVANCED,
-                      label="Random seed", help="Same seed and inputs give the same result.")
+                      label="Random seed",
+                      help="Seed of every random choice of the run (starting points, mixture and "
+                           "k-means starts, minibatch order). The same seed, inputs and settings give the "
+                           "same result on the CPU, bit for bit; another seed shows whether a result "
+                           "depends on the start. As RELION's --random_seed or CryoSPARC's "
+                           "'Random seed'; any integer, default 0.")
         if gpu:
             form.addHidden(USE_GPU, params.BooleanParam, default=False,
-                           label="Use GPU?", help="Run the heavy computation on a CUDA GPU.")
+                           label="Use GPU?",
+                           help="Run the heavy computation (projections, fits, searches) on a CUDA GPU "
+                                "through PyTorch. No (default): the CPU, with the threads below.")
             form.addHidden(GPU_LIST, params.StringParam, default="0", label="GPU id",
-                           help="CUDA device number used when 'Use GPU' is set.")
-        form.addParallelSection(threads=threads, mpi=0)
+                           help="CUDA device number used when 'Use GPU' is set (0 = the first GPU, as "
+                                "listed by nvidia-smi); one device per run, the first number given.")
+        form.addParallelSection(threads=threads, mpi=1 if mpi else 0)
+
+    def _usesGpu(self) -> bool:
+        return getattr(self, USE_GPU, None) is not None and bool(self.getAttributeValue(USE_GPU, False))
+
+    def getGpuList(self) -> list:
+        """The GPUs this run asks for: none unless "Use GPU" is on. (Scipion's own
+        method returns the GPU id field even when the GPU is off, and a queue
+        template would then request a GPU for a CPU run.)"""
+        return super().getGpuList() if self._usesGpu() else []
 
     def _deviceArg(self) -> str:
-        if getattr(self, USE_GPU, None) is not None and self.getAttributeValue(USE_GPU, False):
-            gpu = str(self.getAttributeValue(GPU_LIST, "0")).split()[0]
-            return f"cuda:{gpu}"
-        return "cpu"
+        """``cpu``, or the GPU: ``cuda:<id>`` from the form on a workstation; in a
+        queue job plain ``cuda`` (the job's own GPUs, renumbered from 0 by the
+        queue in CUDA_VISIBLE_DEVICES: an id typed in the form would be wrong)."""
+        if not self._usesGpu():
+            return "cpu"
+        if self.useQueue():
+            return "cuda"
+        gpu = str(self.getAttributeValue(GPU_LIST, "0")).split()[0]
+        return f"cuda:{gpu}"
 
     def _commonArgs(self) -> list:
         return ["--seed", str(self.seed.get()), "--device", self._deviceArg(),
@@ -185,11 +227,14 @@ class GsplatProgramMixin:
         with open(path) as fh:
             return json.load(fh)
 
-    def runProgram(self, name: str, args: list) -> None:
-        """Run ``gsplat_<name>`` with ``args`` plus the common arguments."""
+    def runProgram(self, name: str, args: list, ranks: bool = False) -> None:
+        """Run ``gsplat_<name>`` with ``args`` plus the common arguments; with
+        ``ranks`` as the form's number of MPI processes, started by the host's
+        PARALLEL_COMMAND (srun on Slurm, mpirun or torchrun on a workstation)."""
         full = [str(a) for a in args] + self._commonArgs()
+        n_ranks = max(1, int(self.numberOfMpi.get() or 1)) if ranks else 1
         self.runJob(Plugin.getProgram(name), " ".join(_quote(a) for a in full),
-                    env=Plugin.getEnviron(), numberOfMpi=1, numberOfThreads=1)
+                    env=Plugin.getEnviron(), numberOfMpi=n_ranks, numberOfThreads=1)
 
 
 def _quote(arg: str) -> str:

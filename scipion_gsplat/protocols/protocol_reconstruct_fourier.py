@@ -24,21 +24,34 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles,SetOfClasses3D",
                       label="Input particles",
-                      help="Particles with 3D poses (projection alignment) and CTF, or a SetOfClasses3D "
-                           "(its particles, with their class numbers).")
+                      help="Particles with 3D poses (projection alignment) and CTF, e.g. from a RELION "
+                           "Refine3D or a CryoSPARC refinement, or a SetOfClasses3D (its particles, with "
+                           "their class numbers). Two half maps are made from the particles' half sets "
+                           "(rlnRandomSubset when present, else alternating particles).")
         form.addParam("classNum", params.IntParam, default=-1, label="Use only this class",
                       help="Reconstruct only the particles of this class (-1: all). The class of a "
                            "particle is its Scipion class id (the class it sits in, for a "
                            "SetOfClasses3D input), else its _rlnClassNumber.")
         form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry",
-                      help="Point group: c1, cN, dN, t, o, i (RELION conventions).")
+                      help="Point-group symmetry of the particle, imposed in Fourier space: c1 (none), "
+                           "cN, dN, t, o, i (= i2; also i1-i4), in RELION's conventions and orientations, "
+                           "as RELION's 'Symmetry' (--sym) or CryoSPARC's 'Symmetry'. Use the group of the "
+                           "refinement that gave the poses.")
         form.addParam("maxRes", params.FloatParam, default=-1, label="Max resolution (Å)",
-                      help="Use Fourier components up to this resolution; -1 for Nyquist.")
-        form.addParam("doCTF", params.BooleanParam, default=True, label="Correct the CTF?")
+                      help="Use Fourier components up to this resolution (Å), e.g. 8 for a quick "
+                           "low-resolution map; -1 (default) uses everything up to Nyquist (2 × pixel "
+                           "size). As --maxres of relion_reconstruct.")
+        form.addParam("doCTF", params.BooleanParam, default=True, label="Correct the CTF?",
+                      help="Yes (default): each image is weighted by its CTF when inserted and the sum is "
+                           "divided by the summed CTF² (as relion_reconstruct --ctf). No: the images "
+                           "are inserted as they are; only for images without a CTF (e.g. simulated "
+                           "without one): images that have one give a map with the CTF's oscillations.")
         form.addParam("doWiener", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
                       label="Wiener filter?",
-                      help="Regularise with the spectral SNR measured from the half maps.")
-        self._defineComputeParams(form)
+                      help="Regularise the CTF division with the spectral signal-to-noise ratio measured "
+                           "from the two half maps (a Wiener filter, as RELION's tau2 regularisation): "
+                           "less noise at high resolution. No (default): plain CTF-weighted average.")
+        self._defineComputeParams(form, mpi=True)
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep)
@@ -61,7 +74,7 @@ class ProtGsplatReconstructFourier(GsplatProgramMixin, ProtReconstruct3D):
             args.append("--no-ctf")
         if self.doWiener:
             args.append("--wiener")
-        self.runProgram("reconstruct_fourier", args)
+        self.runProgram("reconstruct_fourier", args, ranks=True)
 
     def createOutputStep(self):
         parts = self._inputImages()
