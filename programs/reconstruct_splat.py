@@ -37,7 +37,7 @@ import os  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from scipion_gsplat.core import io  # noqa: E402
+from scipion_gsplat.core import distributed, io  # noqa: E402
 from scipion_gsplat.core.poses.local_search import LocalSearch  # noqa: E402
 from scipion_gsplat.core.poses.rotations import compose  # noqa: E402
 from scipion_gsplat.core.poses.star import with_poses  # noqa: E402
@@ -244,6 +244,8 @@ def main(args) -> None:
     # a console script counts from its imports; a run in-process long after the import, from here
     t_start = _T_START if time.time() - _T_START < 30.0 else time.time()
     device = setup_runtime(args)
+    world = distributed.init(device)
+    device = distributed.rank_device(device, world)
     if args.time_limit is not None and not args.time_limit > 0:
         raise InputError("--time-limit must be positive")
     star, _ = read_posed_particles(args, need_ctf=not args.no_ctf)
@@ -252,23 +254,29 @@ def main(args) -> None:
     search = prealign_search(args, pix)
     spec = init_spec(args, box)
     os.makedirs(args.output, exist_ok=True)
-    if args.restart:
+    if args.restart and world.is_main:
         for k in (0, 1, 2):
             path = os.path.join(args.output, f"checkpoint_half{k}.pt")
             if os.path.exists(path):
                 os.remove(path)
-    print(f"gsplat_reconstruct_splat: {len(star)} particles, box {box} px at {pix} Å, init {args.init}, "
-          f"{args.gaussian_type} Gaussians, {args.iterations} epochs, device {device}", flush=True)
+    world.barrier()
+    ranks = f", {world.size} ranks" if world.size > 1 else ""
+    if world.is_main:
+        print(f"gsplat_reconstruct_splat: {len(star)} particles, box {box} px at {pix} Å, init {args.init}, "
+              f"{args.gaussian_type} Gaussians, {args.iterations} epochs, device {device}{ranks}", flush=True)
 
     def log(line: str) -> None:
-        print(f"  {line}", flush=True)
+        if world.is_main:
+            print(f"  {line}", flush=True)
 
     # keep a reserve for the maps and the outputs (model, maps, report: a few seconds)
     deadline = None if args.time_limit is None else t_start + 0.95 * args.time_limit - 4.0
     rec = reconstruct_splat(star, spec, config, halves=args.halves, seed=args.seed, device=device,
                             use_ctf=not args.no_ctf, checkpoint_dir=args.output, log=log,
-                            progress_factory=lambda label: Progress(label), deadline=deadline,
-                            prealign=search, prealign_rounds=align_rounds(args))
+                            progress_factory=lambda label: Progress(label) if world.is_main else None, deadline=deadline,
+                            prealign=search, prealign_rounds=align_rounds(args), world=world)
+    if not world.is_main:  # rank 0 writes the outputs
+        return
     fmt = args.model_format or ("pdb" if len(rec.model) <= 99999 else "cif")
     names = output_names(args.output, fmt)
     rec.model.save(names["model"])
@@ -306,7 +314,8 @@ def main(args) -> None:
               f"{pc['median_angle_deg']:.2f}°, {pc['median_shift_px']:.2f} px)", flush=True)
 
 
-run = console_entry("gsplat_reconstruct_splat", DESCRIPTION, add_args, main, files=program_files)
+run = console_entry("gsplat_reconstruct_splat", DESCRIPTION, add_args, main, files=program_files,
+                    ranks=True)
 
 if __name__ == "__main__":
     run()

@@ -129,6 +129,47 @@ class World:
         self.all_reduce_(t)
         return int(round(float(t.item())))
 
+    def sum_float(self, value: float) -> float:
+        """Sum of a number over ranks (float64)."""
+        if self.size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        self.all_reduce_(t)
+        return float(t.item())
+
+    def max_float(self, value: float) -> float:
+        """Largest value over ranks (e.g. the elapsed time that drives a schedule)."""
+        if self.size == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if self.backend == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (e.g. a time limit)."""
+        return self.sum_int(int(bool(flag))) > 0 if self.size > 1 else bool(flag)
+
+    def sum_gradients(self, tensors) -> None:
+        """Sum the ``.grad`` of ``tensors`` over ranks, in one flat all-reduce
+        (a missing gradient counts as zeros: every rank then holds the same)."""
+        if self.size == 1:
+            return
+        tensors = [t for t in tensors if t.requires_grad]
+        for t in tensors:
+            if t.grad is None:
+                t.grad = torch.zeros_like(t)
+        flat = torch.cat([t.grad.reshape(-1) for t in tensors])
+        self.all_reduce_(flat)
+        pos = 0
+        for t in tensors:
+            n = t.grad.numel()
+            t.grad.copy_(flat[pos:pos + n].view_as(t.grad))
+            pos += n
+
     def barrier(self) -> None:
         if self.size > 1:
             torch.distributed.barrier()

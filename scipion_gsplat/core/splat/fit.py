@@ -20,6 +20,12 @@ rotation and origin get corrections (:mod:`..poses.gradient`) optimised with
 the model by their own row-wise Adam, with a Gaussian prior in the units of the
 data loss; they start moving once the run is ``pose_start`` through (the model
 must first resemble the particles). Without it the fit is unchanged, bit for bit.
+
+Several ranks (:mod:`..distributed`): every rank draws the same minibatch, takes
+its contiguous share of it, and the gradients (model and pose corrections) and
+losses are summed over ranks before the identical Adam step on every rank, so
+the fit follows the one-process fit up to float summation order. Only rank 0
+writes the checkpoint and the log lines.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..distributed import World
 from ..io import InputError, atomic_path
 from ..poses.gradient import PoseCorrections
 from .data import ParticleData
@@ -226,7 +233,7 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         pairs: Optional[np.ndarray] = None, checkpoint=None,
         progress: Optional[Callable[[int, int], None]] = None,
         log: Optional[Callable[[str], None]] = None, calibrate: bool = True,
-        inputs: Optional[str] = None) -> FitResult:
+        inputs: Optional[str] = None, world: Optional[World] = None) -> FitResult:
     """Fit ``model`` to ``data`` by minibatch Adam.
 
     Args:
@@ -244,11 +251,15 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         calibrate: rescale the initial amplitudes to the data first.
         inputs: what the data and the initial model were computed from
             (:func:`..safety.input_signature`: particle rows, stacks, options).
+        world: ranks sharing each minibatch (None: this process alone).
 
     Raises:
         FitDivergedError: NaN/inf loss or parameters.
     """
     device = data.device
+    world = world or World()
+    if not world.is_main:
+        progress, log = None, None
     t_start = time.time()
     sigma_min = config.sigma_min_A or default_sigma_min_A(data.pixel_size_A)
     names = trainable_names(config.fit_centres, config.fit_amplitudes, config.fit_widths)
@@ -308,8 +319,9 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         for b0 in range(0, len(order), config.batch):
             idx = order[b0:b0 + config.batch]
             progress_frac = step / max(total_steps, 1)
-            if config.time_limit_s:
-                progress_frac = max(progress_frac, (time.time() - t_start) / config.time_limit_s)
+            if config.time_limit_s:  # the slowest rank's clock, so that all ranks share the schedule
+                elapsed = world.max_float(time.time() - t_start)
+                progress_frac = max(progress_frac, elapsed / config.time_limit_s)
             factor = lr_factor(progress_frac, config.lr_final)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -317,21 +329,28 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             phys = params.tensors()
             batch_loss = 0.0
             pb = poses.gather(idx) if poses is not None and progress_frac >= config.pose_start else None
-            for m0 in range(0, len(idx), micro):
-                part = data_loss(phys, data, idx[m0:m0 + micro], scale * len(idx), config.window,
-                                 pb, slice(m0, m0 + micro))
-                part.backward(retain_graph=m0 + micro < len(idx))
+            mine = world.shard(len(idx))  # this rank's contiguous positions in the batch
+            lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
+            for m0 in range(lo, hi, micro):
+                m1 = min(m0 + micro, hi)
+                part = data_loss(phys, data, idx[m0:m1], scale * len(idx), config.window,
+                                 pb, slice(m0, m1))
+                part.backward(retain_graph=m1 < hi)
                 batch_loss += float(part.detach())
+            batch_loss = world.sum_float(batch_loss)
             if poses is not None:
                 poses.observe_loss(batch_loss)  # mean r²/v̄ per particle: the noise fraction ρ
-            if pb is not None:
+            extra = 0.0  # prior and bond terms: added once (on rank 0)
+            if pb is not None and world.is_main:
                 prior = poses.prior_loss(pb, data.box ** 2, len(idx))
                 prior.backward()
-                batch_loss += float(prior.detach())
-            if use_bonds:
+                extra += float(prior.detach())
+            if use_bonds and world.is_main:
                 bond = config.bond_weight * bond_energy(params.raw["centres"], pairs_t, bond_len)
                 bond.backward()
-                batch_loss += float(bond.detach())
+                extra += float(bond.detach())
+            batch_loss += world.sum_float(extra)
+            world.sum_gradients(list(params.raw.values()) + ([pb.omega, pb.shift_A] if pb is not None else []))
             if not math.isfinite(batch_loss):
                 raise FitDivergedError(
                     f"the loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}: lower the "
@@ -346,7 +365,7 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             loss_n += len(idx)
             if progress:
                 progress(step, total_steps)
-            if config.time_limit_s and time.time() - t_start > config.time_limit_s:
+            if config.time_limit_s and world.max_float(time.time() - t_start) > config.time_limit_s:
                 stopped = True
                 break
         bad = check_finite(params)
@@ -372,7 +391,7 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             extra = "".join(f", {k} {entry[k]}" for k in ("split", "cloned", "pruned") if entry.get(k))
             log(f"epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.6f}, {len(params)} Gaussians, "
                 f"{time.time() - t_epoch:.1f} s{extra}")
-        if checkpoint:
+        if checkpoint and world.is_main:
             _save_checkpoint(checkpoint, params, optimizer, epoch, step, history, signature,
                              time.time() - t_start, poses)
         if stopped:

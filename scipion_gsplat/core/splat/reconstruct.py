@@ -118,7 +118,7 @@ def half_rows(star: ParticleStar, halves: bool) -> list:
 
 def initial_models(star: ParticleStar, spec: InitSpec, halves: bool, seed: int, device="cpu",
                    use_ctf: bool = True, log: Optional[Callable[[str], None]] = None,
-                   progress=None) -> tuple[list, list, list]:
+                   progress=None, world=None) -> tuple[list, list, list]:
     """One initial model per half set (or one for all particles).
 
     Returns:
@@ -159,7 +159,7 @@ def initial_models(star: ParticleStar, spec: InitSpec, halves: bool, seed: int, 
             if halves:
                 notes.append(f"both half sets sample the same map (low-passed at {lp:.1f} Å)")
         else:
-            rec = reconstruct_particles(star, device=device, use_ctf=use_ctf, progress=progress)
+            rec = reconstruct_particles(star, device=device, use_ctf=use_ctf, progress=progress, world=world)
             lp = spec.lowpass_A or max(rec.resolution_A(0.143), 2.0 * pix)
             raw = [rec.half1, rec.half2] if halves else [rec.full]
             if log:
@@ -217,7 +217,7 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
                       checkpoint_dir=None, log: Optional[Callable[[str], None]] = None,
                       progress_factory: Optional[Callable[[str], Callable]] = None,
                       deadline: Optional[float] = None, prealign: Optional[LocalSearch] = None,
-                      prealign_rounds: int = 2) -> SplatReconstruction:
+                      prealign_rounds: int = 2, world=None) -> SplatReconstruction:
     """Fit Gaussian models to the particles, per half set, and make maps and FSC.
 
     Args:
@@ -231,6 +231,9 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         prealign: local searches of the poses before the fits (:func:`prealigned`,
             ``prealign_rounds`` gold-standard rounds); None: the input poses.
             The result's ``star`` holds the poses the fits started from.
+        world: ranks (:mod:`..distributed`) sharing the initial reconstruction
+            and every minibatch of the fits; the local pose searches run on
+            every rank (same result, not yet split).
     """
     t0 = time.time()
     if not star.has_poses:
@@ -250,7 +253,7 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     prog = progress_factory or (lambda label: None)
     datas = [ParticleData.from_star(star, r, device, use_ctf, reader=reader) for r in rows]
     models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
-                                          prog("initial reconstruction"))
+                                          prog("initial reconstruction"), world)
     for note in notes:
         if log:
             log(f"note: {note}")
@@ -264,13 +267,16 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         cfg = config
         if deadline is not None:
             share = max((deadline - time.time()) / (len(models) - k), 1.0)
+            if world is not None:  # one schedule for all ranks: the shortest share
+                share = -world.max_float(-share)
             cfg = replace(config, time_limit_s=share)
             if log:
                 log(f"{label}: time limit {share:.0f} s")
         fits.append(fit(model, data, cfg, seed=int(seed) * 2 + k, pairs=pr, checkpoint=ck,
                         progress=prog(f"fitting {label}"),
                         log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None,
-                        inputs=fit_inputs(star, rows[k], stacks, spec, halves, use_ctf, seed)))
+                        inputs=fit_inputs(star, rows[k], stacks, spec, halves, use_ctf, seed),
+                        world=world))
     half_models = [f.model for f in fits]
     maps = [m.to_map(box, pix, device=device) for m in half_models]
     if halves:
