@@ -6,7 +6,9 @@ The numerics live in :mod:`scipion_gsplat.core` (no Scipion import) and run in t
 its outputs.
 """
 __version__ = "0.1.0"
-_references = ["Drager2024splat", "Lauzirika2024splitvolume", "Chen2021gmm"]
+# Papers are cited by the protocols that implement them (their ``_references``),
+# so a run's Methods tab lists only what it used.
+_references = []
 
 
 def __getattr__(name):

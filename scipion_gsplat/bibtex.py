@@ -1,26 +1,19 @@
 # -*- coding: utf-8 -*-
 """
 @techreport{Drager2024splat,
-author = {Dr\"ager, Nikolaus},
+author = {Dräger, Nikolaus},
 title = {3D Gaussian Splatting for Volume Reconstruction in Cryo-EM},
-institution = {ICME, Stanford University},
-year = {2024},
-note = {Seed 000/001 of scipion-gsplat}
+institution = {Institute for Computational and Mathematical Engineering (ICME), Stanford University},
+journal = {Technical report, ICME, Stanford University},
+year = {2024}
 }
 
 @mastersthesis{Lauzirika2024splitvolume,
 author = {Lauzirika Zarrabeitia, Oier},
 title = {Development of novel 3D classification methods for Cryo-Electron Microscopy},
-school = {Universidad Polit\'ecnica de Madrid},
-year = {2024},
-note = {Seed 003 of scipion-gsplat: split-volume graph classification}
-}
-
-@misc{Chen2018gmm,
-author = {Chen, Muyuan},
-title = {A machine learning method for resolving heterogeneity in CryoEM single particle reconstruction},
-year = {2018},
-note = {Seed 004 of scipion-gsplat: Gaussian-mixture heterogeneity analysis}
+school = {Universidad Politécnica de Madrid},
+journal = {Master's thesis, Universidad Politécnica de Madrid},
+year = {2024}
 }
 
 @article{Chen2021gmm,
@@ -30,11 +23,14 @@ journal = {Nature Methods},
 volume = {18},
 pages = {930--936},
 year = {2021},
-doi = {10.1038/s41592-021-01220-5}
+doi = {https://doi.org/10.1038/s41592-021-01220-5}
 }
 
-@misc{CryoSPIRE,
+@article{Shekarforoush2025cryospire,
+author = {Shekarforoush, Shayan and Lindell, David B. and Brubaker, Marcus A. and Fleet, David J.},
 title = {CryoSPIRE: Reconstructing Heterogeneous Biomolecules via Hierarchical Gaussian Mixtures and Part Discovery},
-note = {Seed 002 of scipion-gsplat (poster)}
+journal = {arXiv preprint arXiv:2506.09063},
+year = {2025},
+url = {https://arxiv.org/abs/2506.09063}
 }
 """

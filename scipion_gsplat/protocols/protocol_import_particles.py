@@ -10,11 +10,12 @@ from pwem.objects import SetOfParticles
 
 from ..convert import star_to_set
 from ..core.io import ImageReader, read_particles
+from .base import GsplatLabelMixin
 
 CS_EXTENSION = ".cs"
 
 
-class ProtGsplatImportParticlesStar(ProtImport):
+class ProtGsplatImportParticlesStar(GsplatLabelMixin, ProtImport):
     """Import particles with their poses (projection alignment) and CTF from a
     RELION particles STAR file or a CryoSPARC particle .cs file, without needing
     the RELION plugin or pyem.
@@ -34,17 +35,24 @@ class ProtGsplatImportParticlesStar(ProtImport):
     def _defineParams(self, form):
         form.addSection(label="Import")
         form.addParam("starFile", params.PathParam, label="Particles file (.star or .cs)",
-                      help="RELION 3.0-5 particles STAR file, or a CryoSPARC particle .cs file "
-                           "(e.g. J42/J42_005_particles.cs); image stacks must be MRC.")
+                      help="RELION 3.0-5 particles STAR file with poses and CTF (e.g. run_data.star of "
+                           "a Refine3D job, or particles.star of Extract/Select), or a CryoSPARC particle "
+                           ".cs file (e.g. J42/J42_005_particles.cs of a refinement). Image stacks must be "
+                           "MRC (.mrcs/.mrc); relative image paths are looked up beside the STAR file.")
         form.addParam("csProjectDir", params.PathParam, default="", label="CryoSPARC project folder (.cs)",
                       help="For a .cs file: the folder holding the J*/ job folders, which the image "
                            "paths are relative to. Leave empty to find it from the .cs file's folder and "
                            "its parents. Ignored for STAR files.")
         form.addParam("samplingRate", params.FloatParam, default=0.0, label="Pixel size (Å)",
-                      help="Leave 0 to take it from the STAR file (optics table or "
-                           "rlnDetectorPixelSize/rlnMagnification).")
+                      help="Pixel size of the particle images in Å/px. Leave 0 to take it from the file "
+                           "(RELION optics table rlnImagePixelSize, or rlnDetectorPixelSize and "
+                           "rlnMagnification of older files; CryoSPARC's blob/psize_A). Needed only for a "
+                           "RELION 3.0 file that gives none; a pixel size in the file always wins.")
         form.addParam("copyFiles", params.BooleanParam, default=False, expertLevel=params.LEVEL_ADVANCED,
-                      label="Copy stacks?", help="Copy the stacks into the project instead of linking them.")
+                      label="Copy stacks?",
+                      help="Yes: copy the image stacks into the project (safe if the original folder "
+                           "moves, but doubles the disk use). No (default): link them, as Scipion's own "
+                           "import does without 'Copy files'.")
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.importStep)

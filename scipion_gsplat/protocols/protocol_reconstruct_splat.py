@@ -29,6 +29,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
     the width) to open with the map in ChimeraX or Coot.
     """
     _label = "gaussian splat reconstruction"
+    _references = ["Drager2024splat"]
     _possibleOutputs = {"outputVolume": Volume, "outputFSC": FSC, "outputAtomStruct": AtomStruct,
                         "outputParticles": SetOfParticles}
 
@@ -36,7 +37,9 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
                       pointerCondition="hasAlignmentProj", label="Input particles",
-                      help="Particles with 3D poses (projection alignment) and CTF.")
+                      help="Particles with 3D poses (projection alignment) and CTF, e.g. from a RELION "
+                           "Refine3D or a CryoSPARC refinement (imported), with their half-set numbers "
+                           "when present. Poses are refined locally unless the pose errors are set to 0.")
         form.addParam("initialModel", params.EnumParam, choices=INIT_CHOICES, default=INIT_DATA,
                       label="Initial model",
                       help="Reconstruction: each half set starts from points sampled in its own "
@@ -45,13 +48,18 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
                            "residue. Random: uniform points inside a mask.")
         form.addParam("initVolume", params.PointerParam, pointerClass="Volume",
                       condition=f"initialModel=={INIT_VOLUME}", label="Initial volume",
-                      help="MRC map with the particles' box and pixel size.")
+                      help="Map (MRC) with the particles' box and pixel size, e.g. the consensus "
+                           "refinement's map; it is low-passed (10 Å) and the Gaussians are placed where "
+                           "its density is high.")
         form.addParam("initStructure", params.PointerParam, pointerClass="AtomStruct",
                       condition=f"initialModel=={INIT_STRUCTURE}", label="Initial structure",
                       help="PDB/mmCIF in the frame of a map of the particles' box with its "
                            "origin at the corner (as fitted in the consensus map).")
         form.addParam("atomLevel", params.EnumParam, choices=["atom", "residue"], default=0,
-                      condition=f"initialModel=={INIT_STRUCTURE}", label="One Gaussian per")
+                      condition=f"initialModel=={INIT_STRUCTURE}", label="One Gaussian per",
+                      help="atom (default): one Gaussian per atom of the structure (fine, many "
+                           "Gaussians: about 8 per residue). residue: one per residue at its centre "
+                           "(about 8 times fewer, faster; usually enough for maps worse than about 4 Å).")
         form.addParam("centerStructure", params.BooleanParam, default=False,
                       condition=f"initialModel=={INIT_STRUCTURE}", label="Centre the structure?",
                       help="Put the structure's centre of mass at the box centre instead of "
@@ -63,30 +71,54 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
                            "Reconstruction/volume start: restricts where they are placed.")
         form.addParam("nGaussians", params.IntParam, default=2000, validators=[params.Positive],
                       condition=f"initialModel!={INIT_STRUCTURE}", label="Number of Gaussians",
-                      help="About the number of heavy atoms is enough.")
+                      help="How many Gaussians describe the map (not used with an atomic structure). "
+                           "2000 (default) is a starting point; a large complex or a finer map needs more, "
+                           "up to about one per residue. Time and memory grow with the number; "
+                           "'Densify' can add more where the fit needs them.")
         form.addParam("gaussianType", params.EnumParam, choices=["isotropic", "anisotropic"], default=0,
                       label="Gaussian type",
                       help="Isotropic: one width per Gaussian (fast, separable rendering). "
                            "Anisotropic: full covariance (Cholesky factor).")
         form.addSection(label="Fitting")
         form.addParam("iterations", params.IntParam, default=10, validators=[params.Positive],
-                      label="Iterations (epochs)", help="Passes over the particles of each half set.")
+                      label="Iterations (epochs)",
+                      help="Passes over all the particles of each half set (as cryoDRGN's epochs). "
+                           "10 (default); if the loss curve of the viewer still falls at the end, run "
+                           "more. Time grows in proportion.")
         form.addParam("batchSize", params.IntParam, default=32, validators=[params.Positive],
-                      expertLevel=params.LEVEL_ADVANCED, label="Particles per step")
+                      expertLevel=params.LEVEL_ADVANCED, label="Particles per step",
+                      help="Particles per optimiser (Adam) step, the minibatch size (as cryoDRGN's "
+                           "--batch-size or the batch size of CryoSPARC's ab-initio). 32 (default); "
+                           "larger is smoother and faster per particle on a GPU but takes fewer steps "
+                           "per epoch.")
         form.addParam("doHalves", params.BooleanParam, default=True, label="Independent half sets?",
-                      help="Fit both half sets separately: half maps and FSC (gold standard).")
+                      help="Yes (default): fit the two half sets separately from independent starts, "
+                           "giving half maps and a gold-standard FSC resolution (as RELION auto-refine "
+                           "and CryoSPARC). No: one fit of all particles, about half the time, no FSC.")
         form.addParam("doDensify", params.BooleanParam, default=False, label="Densify?",
-                      help="Split or clone the Gaussians with the largest gradients.")
+                      help="Add Gaussians where the fit needs them: every few epochs the 5 % with the "
+                           "largest position gradients are split (large ones) or cloned (small ones), up "
+                           "to twice the initial number. Useful when the start has too few Gaussians in "
+                           "some region; off by default.")
         form.addParam("densifyEvery", params.IntParam, default=2, condition="doDensify",
-                      label="Densify every (epochs)")
+                      label="Densify every (epochs)",
+                      help="Epochs between two densification rounds (default 2); none in the last 40 % "
+                           "of the epochs, so the new Gaussians settle.")
         form.addParam("pruneThreshold", params.FloatParam, default=0.0, label="Prune below",
-                      help="Remove Gaussians whose amplitude falls below this fraction of the "
-                           "median amplitude (0: never).")
+                      help="Remove Gaussians whose amplitude falls below this fraction of the median "
+                           "amplitude, e.g. 0.05 to drop Gaussians that fitted noise outside the "
+                           "molecule; 0 (default): never.")
         form.addParam("bondWeight", params.FloatParam, default=0.0, expertLevel=params.LEVEL_ADVANCED,
                       label="Bond regulariser weight",
-                      help="Harmonic springs between neighbouring Gaussians (0: off).")
+                      help="Strength of harmonic springs between neighbouring Gaussians (rest length: "
+                           "their median distance), as in Dräger (2024). It helps only a start far from "
+                           "the truth (centre errors of ~2 Å: 3.4 → 2.0 Å with 0.1) and spoils a good "
+                           "one (0.4 → 1.8 Å), so 0 (default, off) unless the start is poor.")
         form.addParam("lrCentres", params.FloatParam, default=0.1, expertLevel=params.LEVEL_ADVANCED,
-                      label="Learning rate of the centres (Å)")
+                      label="Learning rate of the centres (Å)",
+                      help="Adam step of the Gaussian centres in Å at the start (it decays to 5 % along "
+                           "a cosine by the end). 0.1 Å (default); larger moves the Gaussians faster "
+                           "from a poor start but can make the fit noisy.")
         form.addParam("sigmaAng", params.FloatParam, default=2.0, validators=[params.GE(0)],
                       expertLevel=params.LEVEL_ADVANCED, label="Pose refinement: angular σ (deg)",
                       help="Expected error of the input orientations (degrees per axis, a Gaussian prior): "
@@ -106,7 +138,10 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
                       help="Also refine the poses by gradient descent together with the Gaussians "
                            "(a small further gain with pose errors, a small loss with exact poses).")
         form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments", help="More gsplat_reconstruct_splat options.")
+                      label="Additional arguments",
+                      help="More options of the gsplat_reconstruct_splat program, as typed on its "
+                           "command line (e.g. --init-lowpass 8 --time-limit 3600); see "
+                           "gsplat_reconstruct_splat --help. As RELION's 'Additional arguments'.")
         self._defineComputeParams(form)
 
     def _insertAllSteps(self):
@@ -214,6 +249,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
     def _methods(self):
         if not hasattr(self, "outputVolume"):
             return []
+        halves = " from two independent half sets" if self.doHalves else ""
         return ["The map was reconstructed as a sum of 3D Gaussians fitted to the particles by "
-                "gradient descent on their analytic, CTF-modulated projections (scipion-gsplat, "
-                "after Dräger's Gaussian splatting for cryo-EM), from two independent half sets."]
+                "gradient descent on their analytic, CTF-modulated projections (Gaussian splatting "
+                f"after Dräger 2024, in scipion-gsplat){halves}."]

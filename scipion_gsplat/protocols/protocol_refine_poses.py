@@ -30,23 +30,34 @@ class ProtGsplatRefinePoses(GsplatProgramMixin, ProtRefine3D):
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
                       pointerCondition="hasAlignmentProj", label="Input particles",
-                      help="Particles with 3D poses (projection alignment) and CTF.")
+                      help="Particles with 3D poses (projection alignment) and CTF, e.g. from a RELION "
+                           "Refine3D or a CryoSPARC refinement; their poses are the centre of the local "
+                           "search, as in RELION's local searches (continuing a refinement).")
         form.addParam("referenceType", params.EnumParam, choices=["volume", "Gaussian model"],
                       default=REF_VOLUME, label="Reference",
                       help="A map with the particles' box and pixel size, or the atomic-structure output "
                            "of 'gaussian splat reconstruction' (its model.npz is used).")
         form.addParam("referenceVolume", params.PointerParam, pointerClass="Volume",
-                      condition=f"referenceType=={REF_VOLUME}", label="Reference volume")
+                      condition=f"referenceType=={REF_VOLUME}", label="Reference volume",
+                      help="Map (MRC) with the particles' box and pixel size, in the frame of the input "
+                           "poses (e.g. the consensus map of the refinement that gave them), as RELION's "
+                           "'Input reference map'; only resolutions up to 'Max resolution' are used.")
         form.addParam("referenceModel", params.PointerParam, pointerClass="AtomStruct",
-                      condition=f"referenceType=={REF_MODEL}", label="Gaussian model")
+                      condition=f"referenceType=={REF_MODEL}", label="Gaussian model",
+                      help="The atomic-structure output of a 'gaussian splat reconstruction' run of these "
+                           "particles: the model is rendered as a map on the particles' grid (box and "
+                           "pixel size) and used as the reference.")
         form.addSection(label="Search")
         form.addParam("sigmaAng", params.FloatParam, default=2.0, validators=[params.Positive],
                       label="Angular error (deg)",
-                      help="Expected error of the input poses (σ per rotation axis, degrees; typically 1-3 "
-                           "after a consensus refinement). The search reaches 3σ.")
+                      help="Expected error of the input poses (σ of a Gaussian prior per rotation axis, "
+                           "degrees; typically 1-3 after a consensus refinement), as RELION's --sigma_ang "
+                           "of local searches. The search reaches 3σ; larger values search wider and "
+                           "take longer.")
         form.addParam("sigmaShift", params.FloatParam, default=1.0, validators=[params.Positive],
                       label="Shift error (px)",
-                      help="Expected error of the input origins (σ per axis, pixels; typically 0.5-2).")
+                      help="Expected error of the input origins (σ of a Gaussian prior per axis, pixels "
+                           "of the input images; typically 0.5-2). The search reaches about 3σ.")
         form.addParam("mode", params.EnumParam, choices=MODES, default=0, label="Pose written",
                       help="expectation: the posterior mean (RELION-like, better at low SNR); best: the most "
                            "probable grid pose.")
@@ -58,9 +69,15 @@ class ProtGsplatRefinePoses(GsplatProgramMixin, ProtRefine3D):
                       expertLevel=params.LEVEL_ADVANCED, label="Working box (px)",
                       help="0: automatic (pixel ≈ 3 Å). A finer pixel gives more precise poses, slower.")
         form.addParam("maxRes", params.FloatParam, default=-1, expertLevel=params.LEVEL_ADVANCED,
-                      label="Max resolution (Å)", help="-1: the working Nyquist.")
+                      label="Max resolution (Å)",
+                      help="Highest resolution (Å) used to score the poses, as RELION's resolution "
+                           "limit of the alignment or CryoSPARC's 'Maximum align resolution'. -1 "
+                           "(default): up to the Nyquist of the working box (about 6 Å with the "
+                           "automatic 3 Å pixel).")
         form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments", help="More gsplat_refine_poses options.")
+                      label="Additional arguments",
+                      help="More options of the gsplat_refine_poses program, as typed on its command "
+                           "line; see gsplat_refine_poses --help. As RELION's 'Additional arguments'.")
         self._defineComputeParams(form)
 
     def _insertAllSteps(self):

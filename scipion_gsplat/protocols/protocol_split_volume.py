@@ -32,6 +32,7 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
     eigenvolume). Each class is reconstructed with half maps.
     """
     _label = "split volume classification"
+    _references = ["Lauzirika2024splitvolume"]
     _possibleOutputs = {"outputClasses": SetOfClasses3D, "outputVolumes": SetOfVolumes,
                         "outputParticles": SetOfParticles, "outputFSCs": SetOfFSCs}
 
@@ -46,48 +47,85 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
                            "written as rlnClassNumber.")
         form.addParam("inputMask", params.PointerParam, pointerClass="VolumeMask", allowsNull=True,
                       label="Mask (optional)",
-                      help="3D mask of the region to classify (same box as the particles); projected "
-                           "per direction. Without it a disc (graph) or a mask from the consensus map "
-                           "(3D) is used.")
-        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry")
+                      help="3D mask of the region to classify (same box and pixel size as the particles, "
+                           "values 0-1, soft edge), as RELION's 'Reference mask' of a focused 3D "
+                           "classification: only differences inside it count. It is projected along each "
+                           "direction for the 2D steps. Without it a disc of 45 % of the box (graph) or a "
+                           "mask from the consensus map (3D) is used.")
+        form.addParam("symmetryGroup", params.StringParam, default="c1", label="Symmetry",
+                      help="Point-group symmetry of the particle: c1 (none), cN, dN, t, o, i, in RELION's "
+                           "conventions, as RELION's 'Symmetry' (--sym). Projection directions are folded "
+                           "into the asymmetric unit (more particles per direction) and the class maps are "
+                           "symmetrised. Use the group of the refinement that gave the poses; use c1 when "
+                           "the difference you look for may break the symmetry.")
         form.addParam("mode", params.EnumParam, choices=MODES, default=MODE_BOTH, label="Mode",
                       display=params.EnumParam.DISPLAY_COMBO,
-                      help="graph (thesis): per-direction PCA + max-cut only. graph + 3D refinement: "
-                           "the graph split refined in 3D (two-class EM, fixed poses). 3D-pooled: residual "
-                           "eigenvolume (8 Å, masked) and a two-class mixture of each particle's "
-                           "coordinate on it. both with consensus: both; the pooled split when its "
-                           "half sets agree, else the refined graph split.")
+                      help="graph (thesis): the method of Lauzirika Zarrabeitia (2024): per-direction 2D "
+                           "PCA and mixture, then a max-cut of the direction graph; no 3D step. "
+                           "graph + 3D refinement: the graph split refined in 3D (a two-class EM with "
+                           "fixed poses, like RELION's Class3D with K=2 and --skip_align started from it). "
+                           "3D-pooled: the leading eigenvolume of the residuals against the consensus map "
+                           "(at 8 Å, masked) and a two-class mixture of each particle's coordinate on it, "
+                           "akin to a one-mode CryoSPARC 3D variability analysis. both with consensus "
+                           "(default): both; the pooled split when its half sets agree, else the refined "
+                           "graph split.")
         form.addParam("numberOfClasses", params.IntParam, default=2, label="Number of classes",
-                      help="2, or more by splitting the largest class while the split is supported.")
+                      help="Number of classes K (RELION's 'Number of classes'). 2 (default): one split. "
+                           "More: the largest class is split again, one class at a time, while the two "
+                           "half sets support the split (see 'Split support threshold'); the run may "
+                           "therefore end with fewer classes than asked.")
         form.addSection(label="Directions")
-        form.addParam("angularSampling", params.FloatParam, default=7.5, label="Angular sampling (deg)")
+        form.addParam("angularSampling", params.FloatParam, default=7.5, label="Angular sampling (deg)",
+                      help="Spacing in degrees of the grid of projection directions; particles are grouped "
+                           "by direction and compared in 2D within each group. 7.5° (default, RELION's "
+                           "HEALPix order 3) suits 10^4-10^6 particles; use 10-15° for fewer than about "
+                           "20 000 particles so that each direction keeps enough particles (at least "
+                           "~50), 3.75° (order 4) only for very large sets.")
         form.addParam("coneRadius", params.FloatParam, default=-1, label="Cone radius (deg)",
-                      help="-1: 1.25 × angular sampling.")
+                      help="Particles within this angle (degrees) of a direction's centre join it; "
+                           "neighbouring directions share particles, which links them in the graph. "
+                           "-1 (default): 1.25 × the angular sampling. Larger: more particles and more "
+                           "links per direction, but each direction then mixes more different views.")
         form.addParam("resize", params.IntParam, default=0, label="Resize to (px)",
-                      help="Working box; 0 = automatic (pixel of about 3 Å).")
+                      help="Box (px) the images are downsampled to for the classification (Fourier "
+                           "cropping, as CryoSPARC's 'Fourier crop to box size'); the class maps are "
+                           "reconstructed at the full size. 0 (default): automatic, a pixel of about 3 Å "
+                           "(never larger than the input box). Larger: finer details, slower.")
         form.addParam("maxCutMethod", params.EnumParam, choices=list(METHODS), default=0,
-                      label="Max-cut method", display=params.EnumParam.DISPLAY_COMBO)
+                      label="Max-cut method", display=params.EnumParam.DISPLAY_COMBO,
+                      help="How the directions are sorted into two consistent halves (which 2D class of "
+                           "each direction belongs to 3D class 1). auto (default): exact for up to 16 "
+                           "directions, else the semidefinite relaxation. exact: tries every assignment "
+                           "(at most 20 directions). sdp: Goemans-Williamson semidefinite relaxation with "
+                           "random roundings. spectral: sign of the leading eigenvector (fastest, less "
+                           "reliable on noisy graphs).")
         form.addSection(label="3D")
         form.addParam("refineIterations", params.IntParam, default=8, label="Refinement iterations",
-                      help="Iterations of the 3D refinement of the graph split (graph + 3D refinement, "
-                           "both).")
+                      help="Iterations of the two-class 3D refinement of the graph split (modes graph + 3D "
+                           "refinement and both), as the 'Number of iterations' of a RELION Class3D "
+                           "with --skip_align. 8 (default) is usually converged; 4 for a quick look.")
         form.addParam("sigmaAng", params.FloatParam, default=2.0, label="Pose error: angles (deg)",
                       help="Expected error of the input angles (degrees, σ of a Gaussian prior per rotation "
                            "axis). Above 0, every particle's pose is refined locally (within 3σ) against the "
                            "consensus map before the 3D steps, and the output particles carry the refined "
                            "poses. Poses from a consensus refinement typically err by 1-3°; with errors of "
                            "2° a subtle difference (~5 % of the mass) is not found without it (measured on "
-                           "4000 simulated particles: ARI 0.04 → 0.88; with exact poses it costs about 0.02). "
+                           "4000 simulated particles: adjusted Rand index against the true classes 0.04 → 0.88; "
+                           "with exact poses it costs about 0.02). As RELION's --sigma_ang of local searches. "
                            "0 = poses used as they are. Costs about 75 s per 4000 particles per core.")
         form.addParam("sigmaShift", params.FloatParam, default=1.0, label="Pose error: origins (px)",
                       condition="sigmaAng > 0",
-                      help="Expected error of the input origins (pixels of the input images, σ per axis); "
-                           "typical 0.5-2.")
+                      help="Expected error of the input origins (pixels of the input images, σ of a "
+                           "Gaussian prior per axis); the search reaches about 3σ. Typical 0.5-2 px.")
         form.addParam("supportThreshold", params.FloatParam, default=0.5, expertLevel=params.LEVEL_ADVANCED,
                       label="Split support threshold",
-                      help="A further split (3+ classes) is kept when the eigenvolumes of the two half "
-                           "sets correlate at least this much.")
-        form.addParam("doHalves", params.BooleanParam, default=True, label="Half maps per class?")
+                      help="With 3 or more classes: a further split is kept only when the eigenvolumes "
+                           "found independently in the two half sets correlate at least this much (0-1). "
+                           "0.5 (default); higher: stop earlier, fewer but surer classes.")
+        form.addParam("doHalves", params.BooleanParam, default=True, label="Half maps per class?",
+                      help="Yes (default): each class map is also made from its two half sets, giving "
+                           "half maps and an FSC curve per class (gold-standard resolution, as RELION "
+                           "auto-refine and CryoSPARC report). No: one map per class, faster.")
         self._defineComputeParams(form)
 
     # ------------------------------------------------------------------ steps
@@ -249,6 +287,9 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         return [f"Mode: {MODES[self.mode.get()]}", "Particles per class: " + ", ".join(sizes)]
 
     def _methods(self):
-        return [f"Particles were classified into {self.outputClasses.getSize()} classes with the "
-                f"split-volume method ({MODES[self.mode.get()]}) of scipion-gsplat."] \
-            if hasattr(self, "outputClasses") else []
+        return [f"{self.outputParticles.getSize()} particles were classified into "
+                f"{self.outputClasses.getSize()} classes without 3D references with the split-volume "
+                f"method of scipion-gsplat (mode {MODES[self.mode.get()]}; after Lauzirika Zarrabeitia "
+                f"2024), with projection directions every {self.angularSampling.get():g}° and symmetry "
+                f"{self.symmetryGroup.get()}."] \
+            if hasattr(self, "outputClasses") and hasattr(self, "outputParticles") else []
