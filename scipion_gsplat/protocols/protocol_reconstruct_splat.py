@@ -142,7 +142,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
                       help="More options of the gsplat_reconstruct_splat program, as typed on its "
                            "command line (e.g. --init-lowpass 8 --time-limit 3600); see "
                            "gsplat_reconstruct_splat --help. As RELION's 'Additional arguments'.")
-        self._defineComputeParams(form)
+        self._defineComputeParams(form, mpi=True)
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep)
@@ -186,7 +186,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
         return args + extra
 
     def reconstructStep(self):
-        self.runProgram("reconstruct_splat", self._programArgs())
+        self.runProgram("reconstruct_splat", self._programArgs(), ranks=True)
 
     def createOutputStep(self):
         parts = self.inputParticles.get()

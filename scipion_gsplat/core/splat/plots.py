@@ -22,8 +22,14 @@ def plot_fsc(ax, frequency: np.ndarray, curves: dict, threshold: float = 0.143) 
     """
     for label, fsc in curves.items():
         res = resolution_at(frequency, fsc, threshold)
-        ax.plot(frequency, fsc, label=f"{label}: {res:.2f} Å at {threshold:g}")
+        line, = ax.plot(frequency, fsc, label=f"{label}: {res:.2f} Å at {threshold:g}")
+        if np.isfinite(res) and res > 0:  # where the curve crosses the threshold
+            ax.plot([1.0 / res], [threshold], marker="o", color=line.get_color(), ms=5)
+            ax.annotate(f"{res:.2f} Å", (1.0 / res, threshold), textcoords="offset points", xytext=(6, 6),
+                        color=line.get_color(), fontsize=9)
     ax.axhline(threshold, color="grey", ls="--", lw=0.8)
+    ax.text(0.01 * float(frequency[-1]), threshold, f"FSC = {threshold:g}", color="grey", fontsize=8,
+            ha="left", va="bottom")
     ax.axhline(0.0, color="black", lw=0.5)
     ax.set_xlim(0, float(frequency[-1]))
     ax.set_ylim(-0.1, 1.05)
