@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from scipion_gsplat.core import io
+from scipion_gsplat.core import distributed, io
 from scipion_gsplat.core.heterogeneity import analysis
 from scipion_gsplat.core.heterogeneity.pipeline import HeterogeneityConfig, run_heterogeneity
 from scipion_gsplat.core.heterogeneity.plots import save_report
@@ -184,22 +184,30 @@ def program_files(args) -> ProgramFiles:
 
 def main(args) -> None:
     device = setup_runtime(args)
+    world = distributed.init(device)
+    device = distributed.rank_device(device, world)
     star, _ = read_posed_particles(args, need_ctf=True)
     cfg = config_from_args(args, star.pixel_size)
     box, pix = star.box_size, star.pixel_size
     check_segmentation(args.segmentation, box)
     os.makedirs(args.output, exist_ok=True)
     state = os.path.join(args.output, "state.npz")
-    if args.restart and os.path.exists(state):
+    if args.restart and os.path.exists(state) and world.is_main:
         os.remove(state)
-    print(f"gsplat_gmm_heterogeneity: {len(star)} particles, box {box} px at {pix} Å, "
-          f"{cfg.n_motions} motions{' + amplitudes' if cfg.amplitudes else ''}, device {device}", flush=True)
+    world.barrier()
+    ranks = f", {world.size} ranks" if world.size > 1 else ""
+    if world.is_main:
+        print(f"gsplat_gmm_heterogeneity: {len(star)} particles, box {box} px at {pix} Å, "
+              f"{cfg.n_motions} motions{' + amplitudes' if cfg.amplitudes else ''}, device {device}{ranks}",
+              flush=True)
 
     def log(line: str) -> None:
         print(f"  {line}", flush=True)
 
     res = run_heterogeneity(star, cfg, seed=args.seed, device=device, workdir=args.output, log=log,
-                            progress_factory=lambda label: Progress(label))
+                            progress_factory=lambda label: Progress(label), world=world)
+    if not world.is_main:  # rank 0 writes the outputs
+        return
     z, mm = res.coordinates, res.model
     u, _, _ = analysis.user_coordinates(mm, z)
     out = lambda name: os.path.join(args.output, name)  # noqa: E731
@@ -245,7 +253,8 @@ def main(args) -> None:
     print(f"gsplat_gmm_heterogeneity: wrote {out('particles.star')}", flush=True)
 
 
-run = console_entry("gsplat_gmm_heterogeneity", DESCRIPTION, add_args, main, files=program_files)
+run = console_entry("gsplat_gmm_heterogeneity", DESCRIPTION, add_args, main, files=program_files,
+                    ranks=True)
 
 if __name__ == "__main__":
     run()

@@ -123,3 +123,25 @@ def test_splat_fit_over_two_slurm_nodes(slurm_queue, sim_small, tmp_path):
     p2 = io.read_star_table(str(tmp_path / "two" / "particles.star"), "particles")
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         assert np.abs(p1[col].to_numpy() - p2[col].to_numpy()).max() < 1e-3
+
+
+def test_heterogeneity_over_two_slurm_nodes(slurm_queue, sim_motion, tmp_path):
+    """Consensus fit and refits share minibatches, gradients and coordinates are
+    split by particle: the coordinates of the one-process run."""
+    from scipion_gsplat.programs import gmm_heterogeneity
+    common = ["-i", str(sim_motion / "particles.star"), "--n-gaussians", "300", "--consensus-epochs", "2",
+              "--motions", "2", "--rounds", "2", "--frames", "3", "--classes", "2", "--threads", "1",
+              "--device", "cpu"]
+    assert gmm_heterogeneity.run(common + ["-o", str(tmp_path / "one")]) == 0
+    two = subprocess.run(["srun", "-N2", "-n2", str(BIN / "gsplat_gmm_heterogeneity"), *common,
+                          "-o", str(tmp_path / "two")], env=slurm_queue, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 ranks" in two.stdout
+    p1 = io.read_star_table(str(tmp_path / "one" / "particles.star"), "particles")
+    p2 = io.read_star_table(str(tmp_path / "two" / "particles.star"), "particles")
+    for k in (1, 2):
+        a, b = (p[f"rlnGsplatCoordinate{k}"].to_numpy(float) for p in (p1, p2))
+        assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), k
+    a, b = _map(tmp_path / "one" / "consensus.mrc"), _map(tmp_path / "two" / "consensus.mrc")
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..distributed import World
 from ..splat.data import ParticleData
 from ..splat.render import DEFAULT_MAX_ELEMENTS, micro_batch_size, render
 from .motion_model import MotionModel
@@ -99,7 +100,7 @@ def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch
                          prior_var: Optional[torch.Tensor] = None,
                          max_elements: int = DEFAULT_MAX_ELEMENTS,
                          progress: Optional[Callable[[int, int], None]] = None,
-                         likelihood: bool = False):
+                         likelihood: bool = False, world: Optional[World] = None):
     """Coordinates of every particle of ``data``.
 
     Args:
@@ -108,31 +109,43 @@ def estimate_coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch
             variance of the model at ``z0`` on the first batch).
         likelihood: also return every particle's coordinate likelihood in
             information form (:func:`gauss_newton_batch`).
+        world: ranks sharing the particles (each solves its rows; the
+            results are summed into every rank's arrays).
 
     Returns:
         ``((M, K) coordinates, noise variance used)``, and with ``likelihood``
         ``(η (M, K), H (M, K, K))`` as numpy arrays.
     """
+    world = world or World()
     m, k = len(data), mm.n_coordinates
     z = torch.zeros(m, k, device=data.device) if z0 is None else z0.clone().to(data.device)
+    mine = world.shard(m)
     with torch.no_grad():
         phys = {key: v.detach() for key, v in mm.base.tensors().items()}
         step = micro_batch_size(len(mm), data.box, float(phys["sigmas_A"].max()), data.pixel_size_A,
                                 max_elements=max_elements)
         step = max(1, min(step, 128))
         if likelihood:
-            eta = np.zeros((m, k))
-            prec = np.zeros((m, k, k))
-        for s in range(0, m, step):
-            idx = np.arange(s, min(s + step, m))
-            # the first batch estimates the noise variance when none is given
+            eta = torch.zeros((m, k), dtype=torch.float64, device=data.device)
+            prec = torch.zeros((m, k, k), dtype=torch.float64, device=data.device)
+        if noise_var is None:  # from the first batch of particles (the same on every rank)
+            first = np.arange(min(step, m))
+            _, noise_var = gauss_newton_batch(mm, phys, data, first, z[first], 0, None, prior_var)
+        if world.size > 1:  # each rank fills its rows; the sums give every rank all rows
+            z[torch.as_tensor(np.setdiff1d(np.arange(m), mine), device=z.device)] = 0
+        for s in range(0, len(mine), step):
+            idx = mine[s:s + step]
             out = gauss_newton_batch(mm, phys, data, idx, z[idx], steps, noise_var, prior_var,
                                      likelihood=likelihood)
-            z[idx], noise_var = out[0], out[1]
+            z[idx] = out[0]
             if likelihood:
-                eta[idx], prec[idx] = out[2][0].cpu().numpy(), out[2][1].cpu().numpy()
-            if progress:
-                progress(min(s + step, m), m)
+                eta[idx], prec[idx] = out[2][0].double(), out[2][1].double()
+            if progress and world.is_main:
+                progress(min(s + step, len(mine)), len(mine))
+        world.all_reduce_(z)
+        if likelihood:
+            world.all_reduce_(eta)
+            world.all_reduce_(prec)
     if likelihood:
-        return z, float(noise_var), (eta, prec)
+        return z, float(noise_var), (eta.cpu().numpy(), prec.cpu().numpy())
     return z, float(noise_var)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..distributed import World
 from ..splat.data import ParticleData
 from ..splat.fit import data_loss
 from ..splat.render import DEFAULT_MAX_ELEMENTS, micro_batch_size
@@ -54,8 +55,19 @@ def particle_gradients(phys: dict, data: ParticleData, idx: np.ndarray, amplitud
 
 def gradient_matrix(phys: dict, data: ParticleData, rows: np.ndarray, amplitudes: bool,
                     amp_length_A: float, max_elements: int = DEFAULT_MAX_ELEMENTS,
-                    progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """``(M, D)`` gradients of the particles ``rows`` (positions in ``data``), in micro-batches."""
+                    progress: Optional[Callable[[int, int], None]] = None,
+                    world: Optional[World] = None) -> torch.Tensor:
+    """``(M, D)`` gradients of the particles ``rows`` (positions in ``data``), in
+    micro-batches; with several ranks each computes its share of the rows and
+    every rank gets the whole matrix."""
+    world = world or World()
+    if world.size > 1:
+        mine = world.shard(len(rows))
+        local = gradient_matrix(phys, data, np.asarray(rows)[mine], amplitudes, amp_length_A, max_elements,
+                                progress if world.is_main else None)
+        full = torch.zeros((len(rows), local.shape[1]), dtype=local.dtype, device=local.device)
+        full[torch.as_tensor(mine, device=local.device)] = local
+        return world.all_reduce_(full)
     n = phys["centres_A"].shape[0]
     step = micro_batch_size(n, data.box, float(phys["sigmas_A"].max()), data.pixel_size_A,
                             max_elements=max_elements)

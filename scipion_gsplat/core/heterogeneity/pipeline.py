@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..distributed import World
 from ..io import ImageReader, InputError, ParticleStar, atomic_path, read_map
 from ..particle_spectra import working_box
 from ..safety import input_signature
@@ -162,7 +163,7 @@ class HeterogeneityResult:
 
 def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityConfig, seed: int,
                     device="cpu", log: Callable[[str], None] = print, progress_factory=None,
-                    checkpoint=None, inputs: Optional[str] = None
+                    checkpoint=None, inputs: Optional[str] = None, world: Optional[World] = None
                     ) -> tuple[GaussianModel, Optional[tuple[np.ndarray, np.ndarray]]]:
     """The consensus Gaussian model, fitted to the particles (the fit written
     to and resumed from ``checkpoint`` after every epoch, when given, if it was
@@ -177,7 +178,8 @@ def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityCo
         log(f"consensus: {len(model)} Gaussians from {path}")
     else:
         spec = InitSpec(mode="map", file=path, n_gaussians=cfg.n_gaussians)
-        models, _, _ = initial_models(star, spec, False, seed, device, True, log, prog("consensus reconstruction"))
+        models, _, _ = initial_models(star, spec, False, seed, device, True, log, prog("consensus reconstruction"),
+                                      world)
         model = models[0]
         log(f"consensus: {len(model)} Gaussians sampled from {path or 'the particles reconstruction'}")
     joint = cfg.refine_poses and cfg.pose_method == "gradient"
@@ -189,7 +191,7 @@ def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityCo
         if joint:
             fc = replace(fc, sigma_ang_deg=cfg.sigma_ang_deg, sigma_shift_A=cfg.sigma_shift_A)
         res = fit(model, data, fc, seed=seed, checkpoint=checkpoint, inputs=inputs,
-                  progress=prog("fitting consensus"), log=lambda line: log(f"consensus: {line}"))
+                  progress=prog("fitting consensus"), log=lambda line: log(f"consensus: {line}"), world=world)
         model = res.model
         if joint:
             corrections = (np.asarray(res.pose_omega, np.float64), np.asarray(res.pose_shift_A, np.float64))
@@ -204,7 +206,7 @@ def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityCo
 
 
 def add_parts(mm: MotionModel, z: torch.Tensor, cfg: HeterogeneityConfig, data: ParticleData, seed: int,
-              log: Callable[[str], None], prog) -> torch.Tensor:
+              log: Callable[[str], None], prog, world: Optional[World] = None) -> torch.Tensor:
     """Group the Gaussians into rigid parts (in place) and estimate every
     particle's rigid coordinates in front of its residual ones."""
     model = mm.to_model()
@@ -227,7 +229,7 @@ def add_parts(mm: MotionModel, z: torch.Tensor, cfg: HeterogeneityConfig, data: 
         f"{int((labels < 0).sum())} in the reference body")
     z = torch.cat([torch.zeros(len(z), mm.n_rigid, device=z.device), z], dim=1)
     z, _ = estimate_coordinates(mm, data, z, cfg.gn_steps, prior_var=prior_variances(mm, z, cfg),
-                                progress=prog("rigid coordinates"))
+                                progress=prog("rigid coordinates"), world=world)
     return z
 
 
@@ -243,7 +245,7 @@ def prior_variances(mm: MotionModel, z: torch.Tensor, cfg: HeterogeneityConfig) 
 
 
 def coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor], cfg: HeterogeneityConfig,
-                prior_var: Optional[torch.Tensor], seed: int, progress=None
+                prior_var: Optional[torch.Tensor], seed: int, progress=None, world: Optional[World] = None
                 ) -> tuple[torch.Tensor, float, Optional[torch.Tensor]]:
     """Every particle's coordinates: Gauss-Newton (MAP under one Gaussian
     prior of variances ``prior_var``, none if None), then, with
@@ -258,10 +260,11 @@ def coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor],
         # with amplitude motions (exponential in the coordinates) the deconvolved prior let the
         # coordinates spread wider every round until the refit diverged (composition
         # benchmark: 0.4 → 77 Å in four rounds); those runs keep the single Gaussian prior
-        z, noise = estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var, progress=progress)
+        z, noise = estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var, progress=progress,
+                                        world=world)
         return z, noise, None
     z, noise, (eta, prec) = estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var,
-                                                 progress=progress, likelihood=True)
+                                                 progress=progress, likelihood=True, world=world)
     post, cov, _ = deconvolved_coordinates(eta, prec, z.cpu().numpy(), cfg.prior_components, seed)
     post, cov = (torch.as_tensor(a, dtype=z.dtype, device=z.device) for a in (post, cov))
     return post, noise, cov
@@ -380,9 +383,18 @@ def _stage_name(stage: int, rounds: int) -> str:
 
 def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 0, device="cpu",
                       workdir=None, log: Callable[[str], None] = print,
-                      progress_factory: Optional[Callable[[str], Callable]] = None) -> HeterogeneityResult:
-    """Consensus, eigen-motions and per-particle coordinates for all particles of ``star``."""
+                      progress_factory: Optional[Callable[[str], Callable]] = None,
+                      world: Optional[World] = None) -> HeterogeneityResult:
+    """Consensus, eigen-motions and per-particle coordinates for all particles of ``star``.
+
+    ``world``: ranks sharing the work (:mod:`..distributed`): the fits share each
+    minibatch, the per-particle stages (gradients, coordinates) split the
+    particles; the local pose searches run on every rank. Only rank 0 logs and
+    writes the state."""
     t0 = time.time()
+    world = world or World()
+    if not world.is_main:
+        log, progress_factory = (lambda line: None), None
     prog = progress_factory or (lambda label: None)
     if cfg.n_motions < 1:
         raise InputError("the number of eigen-motions must be at least 1")
@@ -402,6 +414,9 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
     checkpoint = Path(workdir) / CONSENSUS_CHECKPOINT if workdir else None
     state = _load_state(state_path, signature, log) if state_path else None
     stage, history = (state["stage"], state["history"]) if state else (STAGE_STARTED, [])
+    world.barrier()  # every rank has read the state before rank 0 replaces it
+    if not world.is_main:
+        state_path = None  # rank 0 writes the state
     if state_path and state is None:  # a fresh start: nothing an earlier run left is reused
         checkpoint.unlink(missing_ok=True)
         _save_state(state_path, STAGE_STARTED, signature, history)
@@ -410,7 +425,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
     corrections = None
     if stage == STAGE_STARTED:
         model, corrections = consensus_model(star, data, cfg, seed, device, log, progress_factory, checkpoint,
-                                             signature)
+                                             signature, world)
         if state_path:
             arrays = {"consensus_centres_A": model.centres_A, "consensus_amplitudes": model.amplitudes,
                       "consensus_sigmas_A": model.sigmas_A, "consensus_cholesky_A": model.cholesky_A}
@@ -436,17 +451,18 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         rows = np.sort(rng.choice(len(data), size=min(cfg.pca_particles, len(data)), replace=False))
         with torch.no_grad():
             phys = {k: v.detach() for k, v in base.tensors().items()}
-        grads = gradient_matrix(phys, data, rows, cfg.amplitudes, amp_length, progress=prog("gradients"))
+        grads = gradient_matrix(phys, data, rows, cfg.amplitudes, amp_length, progress=prog("gradients"),
+                                world=world)
         vectors, explained = principal_motions(grads, cfg.n_motions, seed)
         del grads
         motions, amp_motions = motions_from_vectors(vectors, len(base), cfg.amplitudes, amp_length, device)
         mm = MotionModel(base, motions, amp_motions, amp_length)
         for k, e in enumerate(explained):
             log(f"eigen-motion {k + 1}: {100 * e:.1f} % of the gradient variance")
-        z, noise, cov = coordinates(mm, data, None, cfg, None, seed, prog("coordinates"))
+        z, noise, cov = coordinates(mm, data, None, cfg, None, seed, prog("coordinates"), world)
         z, cov = normalised(mm, z, cov)
         if cfg.parts or cfg.segmentation:
-            z, cov = add_parts(mm, z, cfg, data, seed, log, prog), None
+            z, cov = add_parts(mm, z, cfg, data, seed, log, prog, world), None
         history.append({"stage": 0, "seconds": time.time() - t0, "noise_var": noise})
         if state_path:
             _save_state(state_path, 0, signature, history, **_stage_arrays(mm, z, cov, explained, corrections))
@@ -456,9 +472,9 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         # Monte Carlo EM: each step sees a draw from every particle's posterior (hinge benchmark,
         # three seeds: |ρ| +0.0010 to +0.0013 over refitting on the posterior means)
         losses = refit(mm, data, z, refit_epochs, cfg.batch, seed=seed + r, z_chol=posterior_factors(cov, cfg),
-                       progress=prog(f"round {r}: refitting model and motions"))
+                       progress=prog(f"round {r}: refitting model and motions"), world=world)
         prior = prior_variances(mm, z, cfg)
-        z, noise, cov = coordinates(mm, data, z, cfg, prior, seed + r, prog(f"round {r}: coordinates"))
+        z, noise, cov = coordinates(mm, data, z, cfg, prior, seed + r, prog(f"round {r}: coordinates"), world)
         z, cov = normalised(mm, z, cov)
         history.append({"stage": r, "seconds": time.time() - t0, "loss": losses[-1], "noise_var": noise})
         log(f"round {r}/{cfg.rounds}: loss {losses[-1]:.6f}, coordinate spread "
@@ -469,12 +485,12 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         # the coordinates are settled; sharpen the model (and its maps) on the full-size images
         mm.base = base_parameters(mm.to_model(), full.pixel_size_A, device)
         losses = refit(mm, full, z, cfg.final_epochs, cfg.batch, seed=seed + 997,
-                       z_chol=posterior_factors(cov, cfg), progress=prog("full-resolution refit"))
+                       z_chol=posterior_factors(cov, cfg), progress=prog("full-resolution refit"), world=world)
         z, cov = normalised(mm, z, cov)
         # and the coordinates once more, from the full-size images and the sharper model
         # (hinge benchmark: |ρ| 0.961 → 0.965 for ~20 s)
         z, _, cov = coordinates(mm, full, z, cfg, prior_variances(mm, z, cfg), seed + 998,
-                                prog("full-resolution coordinates"))
+                                prog("full-resolution coordinates"), world)
         z, cov = normalised(mm, z, cov)
         history.append({"stage": cfg.rounds + 1, "seconds": time.time() - t0, "loss": losses[-1]})
         log(f"full-resolution refit and coordinates ({full.box} px): refit loss {losses[-1]:.6f}, {time.time() - t0:.1f} s")

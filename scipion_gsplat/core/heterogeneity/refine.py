@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..distributed import World
 from ..splat.data import ParticleData
 from ..splat.fit import FitDivergedError, data_loss, lr_factor
 from ..splat.render import DEFAULT_MAX_ELEMENTS, micro_batch_size
@@ -27,7 +28,7 @@ LEARNING_RATES = {"centres": 0.05, "log_amplitudes": 0.02, "width": 0.02, "chole
 def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1, batch: int = 32,
           seed: int = 0, scale: Optional[float] = None, lr_scale: float = 1.0,
           max_elements: int = DEFAULT_MAX_ELEMENTS, z_chol: Optional[torch.Tensor] = None,
-          progress: Optional[Callable[[int, int], None]] = None) -> list:
+          progress: Optional[Callable[[int, int], None]] = None, world: Optional[World] = None) -> list:
     """Adam on model and motions, coordinates ``z (M, K)`` fixed; in place.
 
     With ``z_chol (M, K, K)``, the lower Cholesky factors ``L`` of each
@@ -37,9 +38,13 @@ def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1,
     how uncertain each particle's coordinates are, where plain posterior means
     would treat them as exact.
 
+    With several ranks (``world``) each takes its share of every minibatch and
+    the gradients and losses are summed over ranks before the same Adam step.
+
     Returns:
         the mean loss of each epoch.
     """
+    world = world or World()
     leaves = mm.leaves()
     for t in leaves.values():
         t.requires_grad_(True)
@@ -64,22 +69,28 @@ def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1,
             opt.zero_grad(set_to_none=True)
             phys = mm.base.tensors()
             batch_loss = 0.0
-            for m0 in range(0, len(idx), micro):
-                part = idx[m0:m0 + micro]
+            if z_chol is not None:  # a draw from each particle's posterior (Monte Carlo EM)
+                eps = torch.randn((len(idx), z.shape[1]), generator=gen, device=z.device)
+            mine = world.shard(len(idx))  # this rank's positions in the batch
+            lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
+            for m0 in range(lo, hi, micro):
+                m1 = min(m0 + micro, hi)
+                part = idx[m0:m1]
                 zp = z[part]
-                if z_chol is not None:  # a draw from each particle's posterior (Monte Carlo EM)
-                    eps = torch.randn(zp.shape, generator=gen, device=zp.device)
-                    zp = zp + (z_chol[part] @ eps.unsqueeze(-1)).squeeze(-1)
+                if z_chol is not None:
+                    zp = zp + (z_chol[part] @ eps[m0:m1].unsqueeze(-1)).squeeze(-1)
                 loss = data_loss(mm.deformed(zp, phys), data, part, scale * len(idx))
-                loss.backward(retain_graph=m0 + micro < len(idx))
+                loss.backward(retain_graph=m1 < hi)
                 batch_loss += float(loss.detach())
+            batch_loss = world.sum_float(batch_loss)
+            world.sum_gradients(list(leaves.values()))
             if not math.isfinite(batch_loss):
                 raise FitDivergedError(f"the loss became {batch_loss} while refitting the motions "
                                        f"(epoch {epoch + 1}): check the particles for bad values")
             opt.step()
             step += 1
             total += batch_loss * len(idx)
-            if progress:
+            if progress and world.is_main:
                 progress(step, steps_total)
         losses.append(total / len(data))
     for t in leaves.values():
