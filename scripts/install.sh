@@ -10,14 +10,16 @@ PY="${PYTHON:-python3}"
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
     need=""
-    for pkg in python3-venv python3-tk python3-dev relion; do
+    # xvfb, xdotool, imagemagick: the GUI tests (tests/test_gui.py) run Tk on a virtual display;
+    # slurm-wlm, munge: the cluster tests start a real Slurm queue (scripts/slurm_local.sh)
+    for pkg in python3-venv python3-tk python3-dev relion xvfb xdotool imagemagick slurm-wlm munge; do
         dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
     done
     if [ -n "$need" ]; then
         echo "[install] apt-get install$need"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq $need >/dev/null
+        apt-get -o DPkg::Lock::Timeout=300 update -qq
+        apt-get -o DPkg::Lock::Timeout=300 install -y -qq $need >/dev/null
     fi
 else
     echo "[install] not root or no apt-get: skipping system packages (RELION checks will be skipped)"
@@ -45,3 +47,6 @@ echo "[install] pip install torch==2.13.0 scipion-em-relion==5.0.2 -e .[test]"
 pip_quiet install --progress-bar off torch==2.13.0 scipion-em-relion==5.0.2 -e ".[test]"
 "$VENV/bin/python" -m pip check
 "$VENV/bin/python" -c "import tkinter, torch, pwem, scipion_gsplat.programs.simulate; print('[install] ok: torch', torch.__version__)"
+for exe in Xvfb xdotool import slurmctld; do  # GUI tests: a virtual display; cluster tests: Slurm
+    command -v "$exe" >/dev/null 2>&1 || echo "[install] $exe not found: the GUI or cluster tests will fail"
+done
