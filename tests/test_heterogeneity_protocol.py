@@ -1,4 +1,5 @@
 """The GMM heterogeneity protocol and its viewer, end to end in a headless Scipion project."""
+import glob
 import os
 
 import pytest
@@ -57,6 +58,12 @@ def test_heterogeneity_outputs_viewer_and_subset(project, imported, sim_motion, 
     subset = viewer.createSubset(1, float(lo), float(hi))
     assert abs(subset.getSize() - 500) <= 5
     assert hasattr(project.getProtocol(prot.getObjId()), "subsetMotion1_1")
+    # an empty range: an error, and neither an output nor a set file
+    sets_before = set(glob.glob(prot._getPath("*.sqlite")))
+    with pytest.raises(ValueError, match="No particle has coordinate 1 between"):
+        viewer.createSubset(1, float(z.max()) + 1.0, float(z.max()) + 2.0)
+    assert set(glob.glob(prot._getPath("*.sqlite"))) == sets_before
+    assert not hasattr(prot, "subsetMotion1_2")
 
 
 def test_validation(project, imported):

@@ -36,6 +36,7 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
     optionally classes from clusters of the coordinates.
     """
     _label = "gmm heterogeneity"
+    _references = ["Chen2021gmm", "Shekarforoush2025cryospire"]
     _possibleOutputs = {"outputParticles": SetOfParticles, "outputVolumes": SetOfVolumes,
                         "outputClasses": SetOfClasses3D, "outputTrajectory": AtomStruct}
 
@@ -43,22 +44,38 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         form.addSection(label="Input")
         form.addParam("inputParticles", params.PointerParam, pointerClass="SetOfParticles",
                       pointerCondition="hasAlignmentProj", label="Input particles",
-                      help="Particles with 3D poses (projection alignment) and CTF.")
+                      help="Particles with 3D poses (projection alignment) and CTF from a consensus "
+                           "refinement (RELION Refine3D, CryoSPARC homogeneous/non-uniform refinement), "
+                           "as for cryoDRGN or CryoSPARC's 3D variability analysis. A few thousand "
+                           "particles already show large motions; the time grows in proportion.")
         form.addParam("consensusType", params.EnumParam, choices=CONSENSUS_CHOICES, default=CONSENSUS_DATA,
                       label="Consensus model",
-                      help="Reconstruction: Gaussians sampled from the particles' own Fourier "
-                           "reconstruction. Volume: sampled from a map. Gaussian model: the atomic "
-                           "structure output of 'gaussian splat reconstruction' (its model.npz).")
+                      help="The Gaussian model the motions are measured against. Reconstruction "
+                           "(default): Gaussians sampled from the particles' own Fourier reconstruction. "
+                           "Volume: sampled from a map you give (e.g. the consensus refinement's map). "
+                           "Gaussian model: the atomic-structure output of a 'gaussian splat "
+                           "reconstruction' run (the fitted Gaussians themselves).")
         form.addParam("consensusVolume", params.PointerParam, pointerClass="Volume",
-                      condition=f"consensusType=={CONSENSUS_VOLUME}", label="Consensus volume")
+                      condition=f"consensusType=={CONSENSUS_VOLUME}", label="Consensus volume",
+                      help="Map (MRC) with the particles' box and pixel size, e.g. the map of the "
+                           "consensus refinement that gave the poses; the Gaussians are placed where "
+                           "its density is high.")
         form.addParam("consensusModel", params.PointerParam, pointerClass="AtomStruct",
-                      condition=f"consensusType=={CONSENSUS_MODEL}", label="Gaussian model")
+                      condition=f"consensusType=={CONSENSUS_MODEL}", label="Gaussian model",
+                      help="The atomic-structure output of a 'gaussian splat reconstruction' run of "
+                           "these particles (or particles with the same box and pixel size); its fitted "
+                           "Gaussians become the consensus model.")
         form.addParam("nGaussians", params.IntParam, default=1000, validators=[params.Positive],
-                      condition=f"consensusType!={CONSENSUS_MODEL}", label="Number of Gaussians")
+                      condition=f"consensusType!={CONSENSUS_MODEL}", label="Number of Gaussians",
+                      help="Gaussians sampled from the consensus map. 1000 (default) resolves domain "
+                           "motions; more resolve finer ones but cost time and memory in proportion.")
         form.addParam("consensusEpochs", params.IntParam, default=1, validators=[params.GE(0)],
                       label="Consensus fitting epochs",
-                      help="Fit the consensus to these particles first (the refinement rounds refit it "
-                           "anyway; 1-2 is enough: 4000-particle hinge |ρ| 0.959 with 1, 0.961 with 2).")
+                      help="Epochs (passes over the particles) fitting the consensus Gaussians to these "
+                           "particles before the motions are estimated; 0 uses it as given. The refinement "
+                           "rounds refit it anyway, so 1-2 is enough (measured on 4000 simulated particles "
+                           "of a hinge motion: rank correlation of the first coordinate with the true "
+                           "angle 0.959 with 1 epoch, 0.961 with 2).")
         form.addParam("sigmaAng", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Pose refinement: angular error (deg)",
                       help="Expected error of the input poses (σ of each rotation, degrees; typically 1-3 after "
@@ -66,8 +83,10 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                            "(within about 3σ) before the motions are estimated, and every later stage uses the "
                            "refined poses; the output particles carry them. 0 (with a shift error of 0): the "
                            "poses are used as given. Measured on a 4000-particle hinge (SNR 0.05): with 2° / "
-                           "0.5 px errors in the input, 2° / 0.5 px raised |ρ| 0.932 → 0.941 for ~15 % more "
-                           "time; on exact poses it lowered |ρ| 0.961 → 0.949, so it is off by default.")
+                           "0.5 px errors in the input, setting 2° / 0.5 px raised the rank correlation of "
+                           "the first coordinate with the true angle 0.932 → 0.941 for ~15 % more time; on exact "
+                           "poses it lowered it 0.961 → 0.949, so it is off by default. As RELION's "
+                           "--sigma_ang of local searches.")
         form.addParam("sigmaShift", params.FloatParam, default=0.0, validators=[params.GE(0)],
                       label="Pose refinement: shift error (px)",
                       help="Expected error of the input origins (σ per axis, pixels; typically 0.3-1). "
@@ -75,26 +94,44 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         form.addSection(label="Motions")
         form.addParam("nMotions", params.IntParam, default=4, validators=[params.Positive],
                       label="Number of eigen-motions",
-                      help="The explained variance of each is reported: keep those that matter.")
+                      help="Number of motions (principal components of the per-particle gradients) "
+                           "estimated, as the number of modes of CryoSPARC's 3D variability analysis or "
+                           "cryoDRGN's latent dimension. 4 (default); the summary reports the share of "
+                           "variance of each: look at those that stand out, the rest are mostly noise.")
         form.addParam("doAmplitudes", params.BooleanParam, default=False, label="Amplitudes?",
-                      help="Also per-particle amplitude changes (compositional heterogeneity).")
+                      help="Yes: the motions also include changes of the Gaussians' amplitudes, for "
+                           "compositional heterogeneity (a ligand or subunit present in some particles). "
+                           "No (default): positions only (conformational changes).")
         form.addParam("nParts", params.IntParam, default=0, validators=[params.GE(0)],
                       label="Rigid parts",
                       help="0: none. Otherwise the Gaussians are grouped into this many parts by position "
                            "and motion; the largest is the reference body, each other part gets a "
                            "per-particle rotation and translation on top of the eigen-motions "
-                           "(CryoSPIRE-style part-aware model).")
+                           "(a part-aware model as in Shekarforoush et al. 2025). Try 2-4 for domains "
+                           "that move as rigid bodies.")
         form.addParam("rounds", params.IntParam, default=3, validators=[params.GE(0)],
                       label="Refinement rounds",
-                      help="Alternations of (refit model and motions, re-estimate coordinates); each costs "
-                           "about a fifth of the default run (4 instead of 3: |ρ| +0.001 on the hinge "
-                           "benchmark).")
+                      help="Alternations of (refit the model and the motions, re-estimate each particle's "
+                           "coordinates); 0: the first estimate only. 3 (default); each round costs about "
+                           "a fifth of the default run, and a 4th round changed the rank correlation with "
+                           "the true hinge angle by only +0.001 on 4000 simulated particles.")
         form.addParam("nFrames", params.IntParam, default=10, validators=[params.Positive],
-                      label="Maps along each motion")
+                      label="Maps along each motion",
+                      help="Number of maps (and frames of the model trajectory) made along each motion, "
+                           "evenly from the 5th to the 95th percentile of the particles' coordinates, the "
+                           "others held at their mean; as 'Number of frames' of CryoSPARC's 3D "
+                           "variability display. 10 (default); the viewer shows them with a frame slider.")
         form.addParam("nClasses", params.IntParam, default=0, validators=[params.GE(0)],
-                      label="Number of classes", help="k-means clusters of the coordinates (0: none).")
+                      label="Number of classes",
+                      help="Particle subsets made by k-means clustering of all coordinates, each with "
+                           "the model's map at the subset's mean coordinate, as the 'cluster' mode of "
+                           "CryoSPARC's 3D variability display. 0 (default): none; subsets can also be "
+                           "picked later in the viewer.")
         form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments", help="More gsplat_gmm_heterogeneity options.")
+                      label="Additional arguments",
+                      help="More options of the gsplat_gmm_heterogeneity program, as typed on its "
+                           "command line (e.g. --part-sigma-rot 5); see gsplat_gmm_heterogeneity "
+                           "--help. As RELION's 'Additional arguments'.")
         self._defineComputeParams(form)
 
     def _insertAllSteps(self):
@@ -178,6 +215,56 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         for obj in outputs.values():
             self._defineSourceRelation(self.inputParticles, obj)
 
+    # ------------------------------------------------------------------ outputs added by the viewer
+    def nextOutputName(self, prefix: str) -> str:
+        """``<prefix>_<n>`` with the first ``n`` (from 1) not yet used by an output."""
+        n = 1
+        while hasattr(self, f"{prefix}_{n}"):
+            n += 1
+        return f"{prefix}_{n}"
+
+    def registerParticleSubset(self, prefix: str, ids) -> tuple:
+        """Register the output particles whose ids are in ``ids`` as a new output
+        ``<prefix>_<n>`` (a SetOfParticles with their coordinates, poses and CTF);
+        returns ``(name, subset)``. Raises ValueError, leaving no output and no
+        set file, when none of ``ids`` is an output particle."""
+        wanted = {int(i) for i in ids}
+        parts = self.outputParticles
+        if not wanted:
+            raise ValueError("No particle is selected: nothing to register.")
+        name = self.nextOutputName(prefix)
+        subset = self._createSetOfParticles(suffix=f"_{name}")
+        subset.copyInfo(parts)
+        for item in parts.iterItems():
+            if item.getObjId() in wanted:
+                subset.append(item.clone())
+        if subset.getSize() == 0:
+            path = subset.getFileName()
+            subset.close()
+            if os.path.exists(path):
+                os.remove(path)
+            raise ValueError("None of the selected particles is in the output particles of this run.")
+        subset.write()
+        self._defineOutputs(**{name: subset})
+        self._defineSourceRelation(parts, subset)
+        self._store()
+        return name, subset
+
+    def registerVolume(self, name: str, path: str, label: str = "") -> Volume:
+        """Register the map ``path`` (written by the caller into the extra folder,
+        named after :meth:`nextOutputName`) as the output Volume ``name`` at the
+        particles' pixel size (Å); returns it."""
+        if hasattr(self, name):
+            raise ValueError(f"This run already has an output called {name}.")
+        vol = Volume()
+        vol.setFileName(path)
+        vol.setSamplingRate(self.outputParticles.getSamplingRate())
+        vol.setObjLabel(label or name)
+        self._defineOutputs(**{name: vol})
+        self._defineSourceRelation(self.outputParticles, vol)
+        self._store()
+        return vol
+
     # ------------------------------------------------------------------ info
     def _validate(self):
         errors = []
@@ -212,4 +299,5 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
             return []
         return ["Conformational heterogeneity was analysed with a Gaussian-mixture model: eigen-motions "
                 "from a PCA of per-particle gradients of the model fit and per-particle coordinates "
-                "along them (after Chen & Ludtke 2021, scipion-gsplat)."]
+                f"along them (after Chen & Ludtke 2021, in scipion-gsplat); {self.nMotions.get()} "
+                "eigen-motions were estimated."]

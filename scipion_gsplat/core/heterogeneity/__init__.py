@@ -12,5 +12,6 @@ and coordinates are refined alternately. Modules:
 * :mod:`.refine`        refit of model and motions with coordinates fixed;
 * :mod:`.poses`         pose refinement against the consensus (before the gradients);
 * :mod:`.analysis`      frames along a motion (maps, trajectories), subsets;
+* :mod:`.selection`     particles inside a lasso/rectangle drawn on two coordinates;
 * :mod:`.pipeline`      the whole run, resumable.
 """
