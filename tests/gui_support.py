@@ -129,6 +129,23 @@ def assert_not_blank(path, min_width: int = 200, min_height: int = 150, min_colo
     return stats
 
 
+def keep_shot(path, name: str = None) -> None:
+    """Copy a screenshot to ``$GSPLAT_GUI_SHOTS`` when set (screenshots collected
+    for the release notes), as ``name`` (default: its own name)."""
+    folder = os.environ.get("GSPLAT_GUI_SHOTS")
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(str(path), os.path.join(folder, name or Path(path).name))
+
+
+def mouse(canvas, name: str, x: float, y: float, button: int = 1) -> None:
+    """Send a matplotlib mouse event (``button_press_event``,
+    ``motion_notify_event``, ``button_release_event``) at display pixel
+    ``(x, y)`` through the canvas's callbacks, as a real mouse does."""
+    from matplotlib.backend_bases import MouseEvent
+    canvas.callbacks.process(name, MouseEvent(name, canvas, x, y, button=button))
+
+
 class DialogRecorder:
     """Replace pyworkflow's message dialogs by recorders (a modal dialog would
     block the test); ``messages`` is a list of ``(kind, title, text)``.

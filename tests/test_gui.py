@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from gui_support import DialogRecorder, assert_not_blank, pump, screenshot, tk_root
+from gui_support import DialogRecorder, assert_not_blank, keep_shot, pump, screenshot, tk_root
 
 
 def test_the_display_tools_are_installed():
@@ -67,11 +67,7 @@ def shots(tmp_path_factory) -> Path:
 
 
 def _keep(path: Path) -> None:
-    """Copy a screenshot to $GSPLAT_GUI_SHOTS (collected for the release notes)."""
-    extra = os.environ.get("GSPLAT_GUI_SHOTS")
-    if extra:
-        os.makedirs(extra, exist_ok=True)
-        shutil.copy(path, os.path.join(extra, path.name))
+    keep_shot(path)
 
 
 def _shoot_id(path: Path, window_id: int, min_width: int, min_height: int, keep: bool = True) -> dict:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import glob
 import math
 import os
-import shutil
 import time
 
 import numpy as np
 import pytest
 from matplotlib.path import Path
 
-from gui_support import DialogRecorder, assert_not_blank, close_all, figure_titles, pump, screenshot
+from gui_support import (DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, mouse, pump,
+                         screenshot)
 
 #: action → start of the title of the window it opens
 ACTIONS = {
@@ -29,13 +29,6 @@ ACTIONS = {
     "displayMaps": "Maps along eigen-motion 1",
     "displayRegion": "Select a region",
 }
-
-
-def keep_shot(path, name: str):
-    folder = os.environ.get("GSPLAT_GUI_SHOTS")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy(path, os.path.join(folder, name))
 
 
 def _shot(tmp_path, name: str, title: str):
@@ -72,8 +65,7 @@ def _particle_coordinates(prot) -> tuple:
 
 
 def _mouse(canvas, name: str, xy_px, button=1):
-    from matplotlib.backend_bases import MouseEvent
-    MouseEvent(name, canvas, xy_px[0], xy_px[1], button=button)._process()
+    mouse(canvas, name, xy_px[0], xy_px[1], button)
     pump(0.01)
 
 

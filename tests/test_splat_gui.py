@@ -7,13 +7,11 @@ under ``GSPLAT_GUI_SHOTS`` when set.
 """
 from __future__ import annotations
 
-import os
-import shutil
 
 import numpy as np
 import pytest
 
-from gui_support import DialogRecorder, assert_not_blank, close_all, figure_titles, pump, screenshot
+from gui_support import DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, pump, screenshot
 
 #: viewer action → the start of the title of the window it opens
 ACTIONS = {
@@ -23,13 +21,6 @@ ACTIONS = {
     "displayMap": "Gaussian splat map",
     "displayModelMap": "Gaussian model rendered as a map",
 }
-
-
-def keep_shot(path, name: str):
-    folder = os.environ.get("GSPLAT_GUI_SHOTS")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy(path, os.path.join(folder, name))
 
 
 def _viewer(project, prot):

@@ -6,12 +6,11 @@ Screenshots go to the test's tmp folder and, when ``GSPLAT_GUI_SHOTS`` is set,
 also there (named ``split_<action>.png``).
 """
 import os
-import shutil
 
 import numpy as np
 import pytest
 
-from gui_support import DialogRecorder, assert_not_blank, close_all, figure_titles, pump, screenshot
+from gui_support import DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, mouse, pump, screenshot
 
 ACTIONS = ["displayDirections", "displayGraph", "displayClassTable", "displayFsc", "displayMaps",
            "displayCoordinate"]
@@ -29,9 +28,7 @@ def viewer(gui_display, in_gui_project):
 
 def _shot(tmp_path, name, title):
     path = screenshot(tmp_path / f"split_{name}.png", title)
-    if os.environ.get("GSPLAT_GUI_SHOTS"):
-        os.makedirs(os.environ["GSPLAT_GUI_SHOTS"], exist_ok=True)
-        shutil.copy(path, os.path.join(os.environ["GSPLAT_GUI_SHOTS"], f"split_{name}.png"))
+    keep_shot(path)
     return assert_not_blank(path)
 
 
@@ -58,8 +55,7 @@ def _browser():
 
 
 def _mouse(canvas, name, x, y):
-    from matplotlib.backend_bases import MouseEvent
-    MouseEvent(name, canvas, x, y, button=1)._process()
+    mouse(canvas, name, x, y)
 
 
 @pytest.mark.parametrize("action", ACTIONS)

@@ -6,13 +6,12 @@ to the test's tmp folder and, when ``GSPLAT_GUI_SHOTS`` is set, there too.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-from gui_support import assert_not_blank, close_all, figure_titles, pump, screenshot
+from gui_support import assert_not_blank, close_all, figure_titles, keep_shot, mouse, pump, screenshot
 
 BOX, PIX = 24, 2.5
 
@@ -34,19 +33,11 @@ def series(tmp_path):
     return paths
 
 
-def keep_shot(path, name: str):
-    folder = os.environ.get("GSPLAT_GUI_SHOTS")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-        shutil.copy(path, os.path.join(folder, name))
-
-
 def _mouse(canvas, name: str, ax, fx: float, fy: float = 0.5):
     """Send a left-button mouse event at axes fraction ``(fx, fy)`` of ``ax``
     through the canvas's callback registry (what a real mouse does)."""
-    from matplotlib.backend_bases import MouseEvent
     x, y = ax.transAxes.transform((fx, fy))
-    canvas.callbacks.process(name, MouseEvent(name, canvas, x, y, button=1))
+    mouse(canvas, name, x, y)
 
 
 def test_slices_window_follows_a_frame_slider_drag(gui_display, series, tmp_path, capfd):
