@@ -21,6 +21,12 @@ score), ``class1.mrc``/``class2.mrc`` (at the working box), ``eigenvolume.mrc``
 (pooled), ``mask.mrc`` and ``summary.star`` (support figures and the
 refinement history).
 
+Memory (``--max-memory``, default 4G): the particles' working-box spectra and
+CTFs (12 bytes per rfft pixel) stay in RAM while they fit, else they go to a
+scratch file (``--scratch``, default a hidden folder in the output folder,
+removed at the end) and every pass reads them in chunks: the peak memory then
+no longer grows with the number of particles.
+
 Poses with errors (``--sigma-ang``, ``--sigma-shift``): every pose is first
 refined locally against the consensus map, and everything after uses the
 refined poses; ``particles.star`` then carries each particle's refined pose
@@ -38,6 +44,7 @@ import pandas as pd
 from scipion_gsplat.core import io, masks
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import load_spectra
+from scipion_gsplat.core.spectra_store import DEFAULT_MAX_MEMORY, SpectraWorkspace, parse_memory
 from scipion_gsplat.core.poses.star import pose_columns
 from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.split_volume import files, heldout, pooled, refine
@@ -109,6 +116,19 @@ def add_args(parser) -> None:
     parser.add_argument("--eigen-iterations", type=int, default=15,
                         help="alternating least-squares iterations of the eigenvolume")
     parser.add_argument("--mask", help="3D mask for the eigenvolume (default: from the consensus map)")
+    mem = parser.add_argument_group("memory")
+    mem.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
+                     help="memory for the particles' working-box spectra and CTFs, e.g. 4G, 500M, 1.5T "
+                          "(binary units). They take N × m × (m/2+1) × 12 bytes at working box m (200,000 "
+                          "particles at m = 32: 1.2 GB; at m = 64: 4.7 GB), more with pose refinement "
+                          "(a refined copy) and for the eigenvolume's residuals. Above the budget they are "
+                          "kept in a scratch file and read in chunks on every pass (same results, peak "
+                          "memory independent of the number of particles, somewhat slower); the program "
+                          "itself needs a few hundred MB more")
+    mem.add_argument("--scratch", default=None,
+                     help="folder for the scratch file when the particles exceed --max-memory (default: "
+                          "the output folder); a hidden .gsplat_cache_* folder is made there and removed "
+                          "at the end. Needs about the size above; a fast local disk helps")
     add_particle_args(parser)
 
 
@@ -168,7 +188,7 @@ def _heldout_choice(args, data, consensus, starts, final, pool, summary) -> str:
             indep = pool.half_probabilities
         elif args.iterations > 0:  # the column start refined on each half alone
             indep = heldout.independent_refinement(data, starts[name], n_iter=args.iterations, soft=not args.hard,
-                                                   max_res_A=args.max_res, fudge=args.tau2_fudge)
+                                                   max_res_A=args.max_res, fudge=args.tau2_fudge, progress=_log)
         else:
             indep = prob
         scores[name] = heldout.heldout_loglik([data, data], indep, sigma2)[0]
@@ -190,11 +210,12 @@ def _reproducible_choice(args, data, starts, final, pool, mask, summary) -> str:
         if name == "pooled":
             indep = pool.half_probabilities
         elif args.iterations > 0:
+            _log(f"the {name} split refined on each half set alone")
             indep = heldout.independent_refinement(data, starts[name], n_iter=args.iterations, soft=not args.hard,
-                                                   max_res_A=args.max_res, fudge=args.tau2_fudge)
+                                                   max_res_A=args.max_res, fudge=args.tau2_fudge, progress=_log)
         else:  # the unrefined start as given
             indep = prob
-        scores[name] = heldout.difference_agreement(data, indep, mask, args.lowpass)
+        scores[name] = heldout.difference_agreement(data, indep, mask, args.lowpass, progress=_log)
         summary[f"difference_agreement_{name}"] = scores[name]
     best = max(scores, key=scores.get)
     print("gsplat_refine_classes: half-set agreement of the class-difference maps " +
@@ -202,7 +223,34 @@ def _reproducible_choice(args, data, starts, final, pool, mask, summary) -> str:
     return best
 
 
+def _log(msg: str) -> None:
+    print("  " + msg, flush=True)
+
+
+def _scratch_parent(args, reader) -> str:
+    """The folder for the scratch folder: ``--scratch`` or the output folder,
+    never a folder holding the input STAR file or its image stacks (then the
+    system's temporary folder, ``$TMPDIR``)."""
+    inputs = {os.path.dirname(os.path.realpath(args.input))}
+    inputs |= {os.path.dirname(p) for p in reader.stack_files()}
+    parent = os.path.realpath(args.scratch or args.output)
+    if parent in inputs:
+        if args.scratch:
+            raise InputError(f"--scratch {args.scratch} holds input files; give another folder")
+        import tempfile
+        parent = tempfile.gettempdir()
+    return parent
+
+
 def main(args) -> None:
+    budget = parse_memory(args.max_memory)
+    if args.scratch and not os.path.isdir(args.scratch):
+        raise InputError(f"--scratch {args.scratch}: not a folder")
+    with SpectraWorkspace(budget, args.output) as workspace:  # the folder is made on first use only
+        _main(args, workspace)
+
+
+def _main(args, workspace: SpectraWorkspace) -> None:
     device = setup_runtime(args)
     t0 = time.time()
     star, reader = read_posed_particles(args)
@@ -221,8 +269,14 @@ def main(args) -> None:
     box, pix = star.box_size, star.pixel_size
     work = working_box(args.resize, box, pix)
     search = _search(args, pix)
-    data = load_spectra(star, reader, work, device, progress=Progress("reading particles"))
-    log = lambda msg: print("  " + msg, flush=True)  # noqa: E731
+    # copies held at once: the data, plus a pose-refined spectra copy (8 of the 12 bytes per pixel),
+    # plus one per class with per-class poses
+    workspace.parent = _scratch_parent(args, reader)
+    copies = 1.0 + (8 / 12 if search is not None else 0.0) + (
+        16 / 12 if search is not None and args.pose_iterations > 0 else 0.0)
+    log = _log
+    data = load_spectra(star, reader, work, device, progress=Progress("reading particles"),
+                        workspace=workspace, copies=copies, log=log)
     consensus_shift = np.zeros((len(data), 2))
     summary = {"working_box": work, "working_pixel_A": data.pixel_size_A}
     if search is not None:
@@ -232,7 +286,8 @@ def main(args) -> None:
                                                                          progress=log)
         summary["consensus_pose_seconds"] = time.time() - t0
     else:
-        consensus, _ = refine._reconstruct(data, np.arange(len(data)), np.ones(len(data)))
+        consensus, _ = refine._reconstruct(data, np.arange(len(data)), np.ones(len(data)), progress=log,
+                                           label="consensus map")
     mask = _mask(args, consensus, box, pix, work, data.pixel_size_A)
     starts = {}
     if init in ("column", "both"):
@@ -277,7 +332,8 @@ def main(args) -> None:
     if best in results:
         summary["total_loglik"] = results[best].total_loglik
     if maps is None:  # unrefined split: class maps from its probabilities
-        maps = np.stack([refine._reconstruct(data, np.arange(len(data)), prob[:, k])[0] for k in range(2)])
+        maps = np.stack([refine._reconstruct(data, np.arange(len(data)), prob[:, k], progress=log,
+                                             label=f"class {k + 1} map")[0] for k in range(2)])
     # each particle's pose for its class: per-class poses of a refinement with
     # pose search, else the consensus-refined ones (None: poses unchanged)
     pose_cols = None

@@ -6,11 +6,18 @@ each image's rfft is moved by its origin (centred), cropped to a smaller box
 (downsampling, ``pixel_size × box / new_box``) and kept with its CTF on the
 same grid. Projections of a map are compared on that grid
 (:meth:`ParticleSpectra.project`).
+
+Memory: ``12·m·(m//2+1)`` bytes per particle at working box ``m``. Given a
+:class:`.spectra_store.SpectraWorkspace`, :func:`load_spectra` keeps the
+arrays in RAM while they fit its budget and in a scratch file otherwise
+(:class:`.spectra_store.DiskArray`, read by chunks); every consumer indexes
+them by rows, so both give the same numbers.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -18,6 +25,7 @@ import torch
 from .ctf import ctf_2d
 from .fourier import as_tensor, extract_spectra, image_rfft, shift_phase, volume_rfft
 from .io import ImageReader, InputError, ParticleStar
+from .spectra_store import DiskArray, SpectraWorkspace, format_bytes, take_rows
 
 
 def working_box(resize: int, box: int, pixel_size_A: float, target_pixel_A: float = 3.0,
@@ -89,18 +97,23 @@ class ParticleSpectra:
     """All particles of a set on a ``box × (box//2+1)`` rfft grid.
 
     Attributes:
-        spectra: ``(N, m, m//2+1)`` complex64, centred (origins removed).
-        ctf: ``(N, m, m//2+1)`` float32 CTF (ones without CTF).
+        spectra: ``(N, m, m//2+1)`` complex64, centred (origins removed): a
+            tensor, or a :class:`.spectra_store.DiskArray` read by rows.
+        ctf: ``(N, m, m//2+1)`` float32 CTF (ones without CTF), likewise.
         poses: ``(N, 3, 3)`` RELION matrices.
         half: ``(N,)`` half set 1 or 2.
         box: ``m``; pixel_size_A: pixel size of the downsampled grid.
+        spare_bytes: RAM the methods may still take for more per-particle
+            working arrays (the eigenvolume's whitened residuals); beyond it
+            they compute them chunk by chunk. ``inf``: no limit.
     """
-    spectra: torch.Tensor
-    ctf: torch.Tensor
+    spectra: Union[torch.Tensor, DiskArray]
+    ctf: Union[torch.Tensor, DiskArray]
     poses: np.ndarray
     half: np.ndarray
     box: int
     pixel_size_A: float
+    spare_bytes: float = float("inf")
 
     def __len__(self) -> int:
         return self.spectra.shape[0]
@@ -109,27 +122,74 @@ class ParticleSpectra:
     def device(self):
         return self.spectra.device
 
+    @property
+    def on_disk(self) -> bool:
+        """Whether the spectra are read from a scratch file."""
+        return isinstance(self.spectra, DiskArray)
+
+    def subset(self, rows: np.ndarray, half: Optional[np.ndarray] = None) -> "ParticleSpectra":
+        """The particles ``rows`` (a copy in RAM, a view on disk), half sets
+        ``half`` (default: theirs)."""
+        rows = np.asarray(rows)
+        return ParticleSpectra(take_rows(self.spectra, rows), take_rows(self.ctf, rows), self.poses[rows],
+                               self.half[rows] if half is None else np.asarray(half), self.box,
+                               self.pixel_size_A, self.spare_bytes)
+
     def shells(self) -> torch.Tensor:
         """Shell index (rounded radius in Fourier pixels) of the 2D rfft grid ``(m, m//2+1)``."""
         ky = torch.fft.fftfreq(self.box, d=1.0 / self.box, device=self.device)
         kx = torch.fft.rfftfreq(self.box, d=1.0 / self.box, device=self.device)
         return torch.sqrt(ky[:, None] ** 2 + kx[None, :] ** 2).round().long()
 
-    def project(self, volume: np.ndarray, rows: np.ndarray, batch: int = 512):
+    def transform(self, volume: np.ndarray) -> torch.Tensor:
+        """The padded transform of ``volume`` that :meth:`project` samples
+        (compute it once for passes that project chunk by chunk)."""
+        return volume_rfft(as_tensor(volume, self.device))
+
+    def project(self, volume: Optional[np.ndarray], rows: np.ndarray, batch: int = 512,
+                transform: Optional[torch.Tensor] = None):
         """Yield ``(sub_rows, spectra)``: rffts of the projections of ``volume``
-        (``[z, y, x]``, box ``m``) at the poses of ``rows``, in batches; no CTF."""
-        vft = volume_rfft(as_tensor(volume, self.device))
+        (``[z, y, x]``, box ``m``; or its :meth:`transform`) at the poses of
+        ``rows``, in batches; no CTF."""
+        vft = self.transform(volume) if transform is None else transform
         for s in range(0, len(rows), batch):
             r = rows[s:s + batch]
             yield r, extract_spectra(vft, self.poses[r], self.box)
 
 
+def spectra_bytes(n: int, box: int) -> int:
+    """Bytes of ``n`` particles' spectra (complex64) and CTFs (float32) at working box ``box``."""
+    return int(n) * box * (box // 2 + 1) * 12
+
+
 def load_spectra(star: ParticleStar, reader: ImageReader, new_box: int, device="cpu",
-                 progress: Optional[Callable[[int, int], None]] = None) -> ParticleSpectra:
-    """Read every particle once into a :class:`ParticleSpectra` (box ``new_box``)."""
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 workspace: Optional[SpectraWorkspace] = None, copies: float = 1.0,
+                 log: Optional[Callable[[str], None]] = None) -> ParticleSpectra:
+    """Read every particle once into a :class:`ParticleSpectra` (box ``new_box``).
+
+    Args:
+        workspace: memory budget and scratch folder (None: everything in RAM).
+            The arrays stay in RAM when ``copies ×`` their size fits the
+            budget, else they go to a scratch file.
+        copies: how many copies of the arrays the caller's method holds at
+            once (e.g. 2 with pose refinement, which refines a copy).
+        log: told where the arrays went (one line).
+    """
     n, h = len(star), new_box // 2 + 1
-    spectra = torch.empty((n, new_box, h), dtype=torch.complex64, device=device)
-    ctf = torch.ones((n, new_box, h), dtype=torch.float32, device=device)
+    need = spectra_bytes(n, new_box)
+    in_ram = workspace is None or workspace.fits(need * copies)
+    if workspace is None:
+        spectra = torch.empty((n, new_box, h), dtype=torch.complex64, device=device)
+        ctf = torch.ones((n, new_box, h), dtype=torch.float32, device=device)
+    else:
+        spectra = workspace.empty((n, new_box, h), torch.complex64, device, in_ram)
+        ctf = workspace.empty((n, new_box, h), torch.float32, device, in_ram,
+                              fill=1.0 if in_ram or not star.has_ctf else None)  # else all written below
+    if log and workspace is not None:
+        where = "in memory" if in_ram else f"in the scratch folder {workspace.folder}"
+        log(f"particle spectra and CTFs: {n} × {new_box}² px, {format_bytes(need)} "
+            f"(× {copies:g} copies; budget {format_bytes(workspace.max_bytes)}): {where}")
     for rows, spec, c in centred_spectra_chunks(star, reader, new_box, device):
         idx = torch.as_tensor(rows, device=device)
         spectra[idx] = spec.to(torch.complex64)
@@ -137,8 +197,29 @@ def load_spectra(star: ParticleStar, reader: ImageReader, new_box: int, device="
             ctf[idx] = c
         if progress:
             progress(int(rows[-1]) + 1, n)
+    spare = float("inf") if workspace is None else (
+        max(0.0, workspace.max_bytes - need * copies) if in_ram else 0.0)
     return ParticleSpectra(spectra, ctf, star.poses(), star.half_set(), new_box,
-                           star.pixel_size * star.box_size / new_box)
+                           star.pixel_size * star.box_size / new_box, spare)
+
+
+class PassProgress:
+    """Progress of one pass over particles for a ``(str) -> None`` callback:
+    a line every ``seconds`` (and at the end when the pass took longer), so
+    long passes are never silent. ``tick(done)`` after each chunk."""
+
+    def __init__(self, progress: Optional[Callable[[str], None]], label: str, total: int,
+                 seconds: float = 30.0):
+        self.progress, self.label, self.total, self.seconds = progress, label, total, seconds
+        self.t0 = self.last = time.time()
+
+    def tick(self, done: int) -> None:
+        if self.progress is None:
+            return
+        now = time.time()
+        if now - self.last >= self.seconds or (done >= self.total and now - self.t0 >= self.seconds):
+            self.last = now
+            self.progress(f"{self.label}: {done}/{self.total} particles, {now - self.t0:.0f} s")
 
 
 def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
@@ -151,7 +232,8 @@ def shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> tor
     return total / (count * reps).clamp(min=1)
 
 
-def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 512) -> np.ndarray:
+def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 512,
+                   progress: Optional[Callable[[str], None]] = None) -> np.ndarray:
     """Image noise power per shell ``σ²(s)`` (``(box//2+1,)``, float64) from the
     residuals ``X − CTF·P·consensus`` of every particle (consensus: ``[z, y, x]``
     map at ``data.box``)."""
@@ -159,9 +241,11 @@ def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 51
     n_shells = data.box // 2 + 1
     total = torch.zeros(n_shells, dtype=torch.float64, device=data.device)
     rows = np.arange(len(data))
+    ticker = PassProgress(progress, "noise spectrum", len(rows))
     for r, proj in data.project(consensus, rows, batch):
         idx = torch.as_tensor(r, device=data.device)
         res = data.spectra[idx] - data.ctf[idx] * proj
         total += shell_mean((res.abs() ** 2).double(), shells, n_shells) * len(r)
+        ticker.tick(int(r[-1]) + 1)
     sigma2 = (total / len(rows)).cpu().numpy()
     return np.maximum(sigma2, 1e-12 * max(sigma2.max(), 1e-30))

@@ -31,12 +31,10 @@ of the particles it was fitted to.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
-import torch
 
 from ..particle_spectra import ParticleSpectra
 from .refine import _reconstruct, class_loglik, refine_two_classes
@@ -94,9 +92,7 @@ def independent_refinement(data: ParticleSpectra, init_prob: np.ndarray, **optio
         rows = np.flatnonzero(data.half == h)
         if len(rows) < 4:
             continue
-        idx = torch.as_tensor(rows, device=data.device)
-        sub = dataclasses.replace(data, spectra=data.spectra[idx], ctf=data.ctf[idx], poses=data.poses[rows],
-                                  half=(np.arange(len(rows)) % 2) + 1)
+        sub = data.subset(rows, half=(np.arange(len(rows)) % 2) + 1)  # a view when on disk
         q = refine_two_classes(sub, init_prob[rows], **options).probabilities
         if (np.argmax(q, 1) == np.argmax(init_prob[rows], 1)).mean() < 0.5:
             q = q[:, ::-1]
@@ -105,7 +101,7 @@ def independent_refinement(data: ParticleSpectra, init_prob: np.ndarray, **optio
 
 
 def half_difference_maps(data: ParticleSpectra, prob: np.ndarray, mask: np.ndarray,
-                         lowpass_A: float) -> list:
+                         lowpass_A: float, progress: Optional[Callable[[str], None]] = None) -> list:
     """Each half set's class-difference map ``V1 − V2`` (its two class maps
     reconstructed from that half's particles weighted by ``prob (N, 2)``),
     low-passed to ``lowpass_A`` (Å) and masked as the eigenvolume is
@@ -115,7 +111,8 @@ def half_difference_maps(data: ParticleSpectra, prob: np.ndarray, mask: np.ndarr
     out = []
     for h in (1, 2):
         rows = np.flatnonzero(data.half == h)
-        v = [_reconstruct(data, rows, prob[rows, k])[0] for k in range(2)]
+        v = [_reconstruct(data, rows, prob[rows, k], progress=progress,
+                          label=f"half set {h} class {k + 1} map")[0] for k in range(2)]
         d = lowpass(v[0] - v[1], data.pixel_size_A, lowpass_A) * mask
         norm = float(np.linalg.norm(d))
         out.append(d / norm if norm > 0 else d)
@@ -123,7 +120,7 @@ def half_difference_maps(data: ParticleSpectra, prob: np.ndarray, mask: np.ndarr
 
 
 def difference_agreement(data: ParticleSpectra, prob: np.ndarray, mask: np.ndarray,
-                         lowpass_A: float = 8.0) -> float:
+                         lowpass_A: float = 8.0, progress: Optional[Callable[[str], None]] = None) -> float:
     """Reproducibility of a split's 3D difference: the masked, low-passed
     correlation (0…1, sign ignored) of the two half sets' class-difference maps
     (:func:`half_difference_maps`), the measure of the half-set eigenvolume
@@ -131,5 +128,5 @@ def difference_agreement(data: ParticleSpectra, prob: np.ndarray, mask: np.ndarr
     half independently (:func:`independent_refinement`, the pooled split's
     ``half_probabilities``): labels fitted to all particles reproduce their
     noise in both halves."""
-    d1, d2 = half_difference_maps(data, prob, mask, lowpass_A)
+    d1, d2 = half_difference_maps(data, prob, mask, lowpass_A, progress)
     return abs(float((d1 * d2).sum()))

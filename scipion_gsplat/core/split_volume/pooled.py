@@ -32,7 +32,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from ..fsc import lowpass
-from ..particle_spectra import ParticleSpectra
+from ..particle_spectra import ParticleSpectra, PassProgress, spectra_bytes
 from ..reconstruct import FourierAccumulator
 from .refine import noise_spectrum
 
@@ -56,33 +56,54 @@ class PooledResult:
     half_probabilities: Optional[np.ndarray] = None
 
 
-def _residual_whitened(data: ParticleSpectra, consensus: np.ndarray, sigma2: np.ndarray,
-                       max_shell: int, rows: np.ndarray, batch: int = 512):
-    """Whitened residual spectra and CTFs of ``rows`` (frequencies beyond
-    ``max_shell`` zeroed): ``(r/σ, CTF/σ)``."""
-    shells = data.shells()
-    inv_sigma = torch.as_tensor(1.0 / np.sqrt(sigma2), device=data.device, dtype=torch.float32)[
-        shells.clamp(max=len(sigma2) - 1)]
-    inv_sigma = torch.where(shells <= max_shell, inv_sigma, torch.zeros_like(inv_sigma))
-    res = torch.empty((len(rows),) + tuple(data.spectra.shape[1:]), dtype=torch.complex64,
-                      device=data.device)
-    pos = 0
-    for r, proj in data.project(consensus, rows, batch):
-        idx = torch.as_tensor(r, device=data.device)
-        res[pos:pos + len(r)] = (data.spectra[idx] - data.ctf[idx] * proj) * inv_sigma
-        pos += len(r)
-    ctf_w = data.ctf[torch.as_tensor(rows, device=data.device)] * inv_sigma
-    return res, ctf_w
+class _Residuals:
+    """Whitened residual spectra ``r/σ`` and CTFs ``CTF/σ`` of ``rows``
+    (frequencies beyond ``max_shell`` zeroed), ``r = X − CTF·P·consensus``.
+
+    Kept in RAM when ``data.spare_bytes`` allows (12 bytes per rfft pixel per
+    particle), else recomputed from ``data`` on every pass: one more consensus
+    projection per particle and pass, no second copy of the data. Both give
+    the same numbers (the same batches of rows are projected).
+    """
+
+    def __init__(self, data: ParticleSpectra, consensus: np.ndarray, sigma2: np.ndarray, max_shell: int,
+                 rows: np.ndarray, batch: int = 512, chunk: int = 1024):
+        self.data, self.rows, self.batch, self.chunk = data, rows, batch, chunk
+        shells = data.shells()
+        inv_sigma = torch.as_tensor(1.0 / np.sqrt(sigma2), device=data.device, dtype=torch.float32)[
+            shells.clamp(max=len(sigma2) - 1)]
+        self.inv_sigma = torch.where(shells <= max_shell, inv_sigma, torch.zeros_like(inv_sigma))
+        self.consensus = data.transform(consensus)
+        self.kept = None
+        if spectra_bytes(len(rows), data.box) <= data.spare_bytes:
+            self.kept = [(sl, res, ctf_w) for sl, res, ctf_w in self._compute()]
+
+    def _compute(self):
+        data = self.data
+        for s in range(0, len(self.rows), self.chunk):
+            sl = slice(s, s + self.chunk)
+            rows = self.rows[sl]
+            parts = []
+            for r, proj in data.project(None, rows, self.batch, transform=self.consensus):
+                idx = torch.as_tensor(r, device=data.device)
+                parts.append((data.spectra[idx] - data.ctf[idx] * proj) * self.inv_sigma)
+            ctf_w = data.ctf[torch.as_tensor(rows, device=data.device)] * self.inv_sigma
+            yield sl, torch.cat(parts) if len(parts) > 1 else parts[0], ctf_w
+
+    def chunks(self):
+        """Yield ``(positions slice, residuals (B, m, m//2+1), CTF/σ (B, m, m//2+1))``."""
+        return iter(self.kept) if self.kept is not None else self._compute()
 
 
-def _coordinates(data, v, rows, res, ctf_w, batch=512) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares coordinate ``c_p`` of each residual along ``v`` and its
-    sensitivity ``s_p = ‖CTF_p P_p v‖²`` (whitened): the coordinate's noise
-    variance is ``1/s_p``, large for views in which ``v`` projects weakly."""
+def _coordinates(data, v_ft, rows, res, ctf_w, batch=512) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares coordinate ``c_p`` of each residual along ``v`` (its
+    transform ``v_ft``) and its sensitivity ``s_p = ‖CTF_p P_p v‖²``
+    (whitened): the coordinate's noise variance is ``1/s_p``, large for views
+    in which ``v`` projects weakly."""
     c = np.zeros(len(rows))
     s_all = np.zeros(len(rows))
     pos = 0
-    for r, proj in data.project(v, rows, batch):
+    for r, proj in data.project(None, rows, batch, transform=v_ft):
         sl = slice(pos, pos + len(r))
         a = ctf_w[sl] * proj
         num = (a.conj() * res[sl]).real.sum((1, 2))
@@ -93,26 +114,40 @@ def _coordinates(data, v, rows, res, ctf_w, batch=512) -> tuple[np.ndarray, np.n
     return c, s_all
 
 
+def _pass(data: ParticleSpectra, v: np.ndarray, resid: _Residuals, acc: Optional[FourierAccumulator],
+          ticker: PassProgress) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the residuals: every coordinate and sensitivity along
+    ``v`` and, with ``acc``, the next eigenvolume's insertion (data weights
+    ``c_p``, CTF² weights ``c_p²``)."""
+    rows = resid.rows
+    v_ft = data.transform(v)
+    c, s_all = np.zeros(len(rows)), np.zeros(len(rows))
+    for sl, res, ctf_w in resid.chunks():
+        c[sl], s_all[sl] = _coordinates(data, v_ft, rows[sl], res, ctf_w, resid.batch)
+        if acc is not None:
+            cc = c[sl]
+            acc.insert_spectra(res, data.poses[rows[sl]], ctf_w, weights=cc * cc, data_weights=cc)
+        ticker.tick(min(sl.stop, len(rows)))
+    return c, s_all
+
+
 def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, sigma2: np.ndarray,
                 lowpass_A: float, rows: Optional[np.ndarray] = None, n_iter: int = 15, seed: int = 0,
-                progress: Optional[Callable[[str], None]] = None
+                progress: Optional[Callable[[str], None]] = None, label: str = "eigenvolume"
                 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Leading residual eigenvolume (unit norm) and ``(coordinates, sensitivities)``
-    of ``rows`` (:func:`_coordinates`)."""
+    of ``rows`` (:func:`_coordinates`); one pass over the particles per
+    iteration (whitened residuals kept in RAM or recomputed, :class:`_Residuals`)."""
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     m, pix = data.box, data.pixel_size_A
     max_shell = int(min(m // 2, m * pix / lowpass_A + 1))
-    res, ctf_w = _residual_whitened(data, consensus, sigma2, max_shell, rows)
+    resid = _Residuals(data, consensus, sigma2, max_shell, rows)
     rng = np.random.default_rng(seed)
     v = lowpass(rng.normal(size=(m, m, m)).astype(np.float32), pix, lowpass_A) * mask
     v /= np.linalg.norm(v)
     for it in range(n_iter):
-        c, _ = _coordinates(data, v, rows, res, ctf_w)
         acc = FourierAccumulator(m, pix, data.device, max_shell=max_shell)
-        for s in range(0, len(rows), 1024):
-            sl = slice(s, s + 1024)
-            cc = c[sl]
-            acc.insert_spectra(res[sl], data.poses[rows[sl]], ctf_w[sl], weights=cc * cc, data_weights=cc)
+        _pass(data, v, resid, acc, PassProgress(progress, f"{label} iteration {it + 1}", len(rows)))
         new = lowpass(acc.solve(), pix, lowpass_A) * mask
         norm = np.linalg.norm(new)
         if norm == 0:
@@ -121,10 +156,10 @@ def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, 
         change = 1.0 - abs(float((new * v).sum()))
         v = new
         if progress:
-            progress(f"eigenvolume iteration {it + 1}: 1 − |cos| = {change:.2e}")
+            progress(f"{label} iteration {it + 1}: 1 − |cos| = {change:.2e}")
         if change < 1e-5:
             break
-    return v, _coordinates(data, v, rows, res, ctf_w)
+    return v, _pass(data, v, resid, None, PassProgress(progress, f"{label} coordinates", len(rows)))
 
 
 def two_class_mixture(coord: np.ndarray, sensitivity: np.ndarray, seed: int = 0, n_iter: int = 200,
@@ -172,10 +207,11 @@ def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
                  lowpass_A: float = 8.0, n_iter: int = 15, seed: int = 0,
                  progress: Optional[Callable[[str], None]] = None) -> PooledResult:
     """Eigenvolume of all particles, coordinates, mixture classes, half-set support."""
-    sigma2 = noise_spectrum(data, consensus)
+    sigma2 = noise_spectrum(data, consensus, progress=progress)
     v, (coord, sens) = eigenvolume(data, consensus, mask, sigma2, lowpass_A, None, n_iter, seed, progress)
     halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
-    half = [eigenvolume(data, consensus, mask, sigma2, lowpass_A, rows, n_iter, seed + 1 + h)
+    half = [eigenvolume(data, consensus, mask, sigma2, lowpass_A, rows, n_iter, seed + 1 + h, progress,
+                        label=f"half set {h + 1} eigenvolume")
             for h, rows in enumerate(halves)]
     agreement = abs(float((half[0][0] * half[1][0]).sum()))  # unit norm, masked; sign is arbitrary
     prob, _, _, bimod = two_class_mixture(coord, sens, seed)

@@ -43,7 +43,7 @@ from scipy.special import logsumexp, softmax
 import torch
 
 from ..fsc import apply_shell_filter, fsc_curve, shell_power
-from ..particle_spectra import ParticleSpectra, noise_spectrum, shell_mean  # noqa: F401 (re-exported)
+from ..particle_spectra import ParticleSpectra, PassProgress, noise_spectrum, shell_mean  # noqa: F401
 from ..reconstruct import FourierAccumulator
 
 
@@ -66,17 +66,21 @@ class RefineResult:
 
 
 def _reconstruct(data: ParticleSpectra, rows: np.ndarray, weights: np.ndarray,
-                 chunk: int = 1024) -> tuple[np.ndarray, FourierAccumulator]:
+                 chunk: int = 1024, progress: Optional[Callable[[str], None]] = None,
+                 label: str = "reconstruction") -> tuple[np.ndarray, FourierAccumulator]:
     acc = FourierAccumulator(data.box, data.pixel_size_A, data.device)
+    ticker = PassProgress(progress, label, len(rows))
     for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
         idx = torch.as_tensor(r, device=data.device)
         acc.insert_spectra(data.spectra[idx], data.poses[r], data.ctf[idx], weights=weights[s:s + chunk])
+        ticker.tick(s + len(r))
     return acc.solve(), acc
 
 
 def class_loglik(data: ParticleSpectra, rows: np.ndarray, maps: list, errors: list,
-                 sigma2: np.ndarray, max_shell: int, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                 sigma2: np.ndarray, max_shell: int, batch: int = 512,
+                 progress: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Log-likelihood ``(len(rows), K)`` of particles under each class map.
 
     ``log L = −½ Σ_f [ |X − CTF·P·V_k|² / v_k(f) + log v_k(f) ]`` with
@@ -98,6 +102,7 @@ def class_loglik(data: ParticleSpectra, rows: np.ndarray, maps: list, errors: li
     for k, (vol, err) in enumerate(zip(maps, errors)):
         e = torch.as_tensor(err, device=data.device)[shells.clamp(max=len(err) - 1)]
         pos = 0
+        ticker = PassProgress(progress, f"class likelihoods (map {k + 1}/{len(maps)})", len(rows))
         for r, proj in data.project(vol, rows, batch):
             idx = torch.as_tensor(r, device=data.device)
             c = data.ctf[idx].double()
@@ -110,6 +115,7 @@ def class_loglik(data: ParticleSpectra, rows: np.ndarray, maps: list, errors: li
             per_shell.index_add_(1, flat, excess)
             noise[pos:pos + len(r), k] = (per_shell / count).cpu().numpy()
             pos += len(r)
+            ticker.tick(pos)
     return out, noise
 
 
@@ -133,9 +139,11 @@ class ClassMaps:
     ferr: np.ndarray
 
 
-def class_maps(data: ParticleSpectra, weights: np.ndarray, halves: list, fudge: float) -> ClassMaps:
+def class_maps(data: ParticleSpectra, weights: np.ndarray, halves: list, fudge: float,
+               progress: Optional[Callable[[str], None]] = None) -> ClassMaps:
     """Half maps, FSC and filtered maps of one class (weights ``(N,)``)."""
-    hm = [_reconstruct(data, rows, weights[rows])[0] for rows in halves]
+    hm = [_reconstruct(data, rows, weights[rows], progress=progress, label=f"half map {h + 1}")[0]
+          for h, rows in enumerate(halves)]
     _, f = fsc_curve(hm[0], hm[1], data.pixel_size_A)
     f = np.clip(f, 0.0, 0.999)
     filt = [apply_shell_filter(v, f) for v in hm]
@@ -169,14 +177,14 @@ def refine_consensus_poses(data: ParticleSpectra, search, rounds: int = 1,
     halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
     shift = np.zeros((n, 2))
     for r in range(rounds):
-        ref = class_maps(out, np.ones(n), halves, 1.0).full
-        upd = refine_poses(out, ref, noise_spectrum(out, ref), search, progress=progress)
+        ref = class_maps(out, np.ones(n), halves, 1.0, progress).full
+        upd = refine_poses(out, ref, noise_spectrum(out, ref, progress=progress), search, progress=progress)
         apply_update(out, upd)
         shift[upd.rows] += upd.delta_origin_A
         if progress:
             progress(f"consensus pose refinement {r + 1}: median angular SD "
                      f"{float(np.median(upd.angular_sd_deg)):.2f}°")
-    consensus, _ = _reconstruct(out, np.arange(n), np.ones(n))
+    consensus, _ = _reconstruct(out, np.arange(n), np.ones(n), progress=progress, label="consensus map")
     return out, consensus, shift
 
 
@@ -222,8 +230,8 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
     nyq = data.box // 2
     max_shell = nyq if max_res_A is None else int(min(nyq, data.box * data.pixel_size_A / max_res_A))
     if consensus is None:
-        consensus, _ = _reconstruct(data, np.arange(n), np.ones(n))
-    sigma2 = noise_spectrum(data, consensus)
+        consensus, _ = _reconstruct(data, np.arange(n), np.ones(n), progress=progress, label="consensus map")
+    sigma2 = noise_spectrum(data, consensus, progress=progress)
     cdata, shifts = [data, data], None
     if search is not None:
         from ..poses.local_search import apply_update, refine_poses
@@ -235,13 +243,13 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
     everyone = np.arange(n)
     for it in range(n_iter):
         w = q if soft else np.eye(2)[np.argmax(q, 1)]
-        cm = [class_maps(cdata[k], w[:, k], halves, fudge) for k in range(2)]
+        cm = [class_maps(cdata[k], w[:, k], halves, fudge, progress) for k in range(2)]
         fscs = [c.fsc for c in cm]
         evidence = None
         if search is not None and it < pose_iterations:
             evidence = np.zeros((n, 2))
             for k in range(2):
-                upd = refine_poses(cdata[k], cm[k].full, sigma2, search)
+                upd = refine_poses(cdata[k], cm[k].full, sigma2, search, progress=progress)
                 apply_update(cdata[k], upd)
                 shifts[k][upd.rows] += upd.delta_origin_A
                 evidence[upd.rows, k] = upd.log_evidence
@@ -255,10 +263,11 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
             if cross:  # the other half's maps
                 for h, rows in enumerate(halves):
                     ll, nz = class_loglik(cdata[k], rows, [cm[k].filt[1 - h]], [cm[k].errs[1 - h]],
-                                          sigma2, max_shell)
+                                          sigma2, max_shell, progress=progress)
                     loglik[rows, k], noise[rows, k] = ll[:, 0], nz[:, 0]
             else:
-                ll, nz = class_loglik(cdata[k], everyone, [cm[k].full], [ferr], sigma2, max_shell)
+                ll, nz = class_loglik(cdata[k], everyone, [cm[k].full], [ferr], sigma2, max_shell,
+                                      progress=progress)
                 loglik[:, k], noise[:, k] = ll[:, 0], nz[:, 0]
         if evidence is not None and pose_score == "evidence":
             loglik[:] = evidence
@@ -281,6 +290,7 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
         if changed < tol and it > 0 and (search is None or it + 1 >= min(pose_iterations, 3)):
             break
     w = q if soft else np.eye(2)[classes]
-    maps = np.stack([_reconstruct(cdata[k], everyone, w[:, k])[0] for k in range(2)])
+    maps = np.stack([_reconstruct(cdata[k], everyone, w[:, k], progress=progress, label=f"class {k + 1} map")[0]
+                     for k in range(2)])
     return RefineResult(q, classes + 1, loglik, maps, np.stack(fscs), total, history,
                         cdata if search is not None else None, shifts)

@@ -1,0 +1,148 @@
+"""Benchmark: peak memory and time of the programs against the number of particles.
+
+For each size N (``--sizes``): simulate a two-state set with ``gsplat_simulate``
+(lysozyme 1AKI with its β-domain hinged by 40°, ``--box`` px at 1.5 Å, SNR
+0.1), run each program of ``--programs`` as a subprocess under each memory
+setting of ``--budgets``, and record the peak resident memory (RSS of the
+process and its children, polled every 0.1 s with psutil), the wall time and
+the particles per second per core; then delete the set. Writes
+``results.json`` and ``results.txt`` (a table) in ``--out``.
+
+Programs are entries of :data:`PROGRAMS` (name → argument builder), so the
+other programs of issue 15 can be added next to ``refine_classes``.
+
+Targets (issue 15): peak RSS under 4 GB at 200,000 × 64 px, independent of N.
+
+Usage::
+
+    python benchmarks/scale.py --quick                       # 2,000 and 4,000 particles, minutes
+    python benchmarks/scale.py --sizes 20000,50000 --budgets 1T,64M
+    python benchmarks/scale.py --sizes 50000,100000,200000 --threads 2
+
+``--budgets``: values of ``--max-memory``; a large one (1T) keeps everything
+in RAM as before the disk store existed, a small one (64M) forces the store.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PDB = REPO / "tests" / "data" / "1aki.pdb"
+
+
+def _refine_classes(sim: Path, out: Path, budget: str, extra: list) -> list:
+    """The pooled detector (no starting split needed) with fixed poses and a
+    short EM refinement: every pass of the program over the particles
+    (eigenvolume iterations, half-set eigenvolumes, refinement iterations)."""
+    return [BIN / "gsplat_refine_classes", "-i", sim / "particles.star", "-o", out, "--init", "pooled",
+            "--refine-pooled", "--iterations", "3", "--eigen-iterations", "5", "--sigma-ang", "0",
+            "--max-memory", budget] + extra
+
+
+#: name → (argument builder, whether it takes --max-memory)
+PROGRAMS = {"refine_classes": _refine_classes}
+
+
+def simulate(n: int, box: int, out: Path, threads: int) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([str(c) for c in [BIN / "gsplat_simulate", "-i", PDB, "-o", out, "-n", n, "--box", box,
+                                     "--angpix", 1.5, "--snr", 0.1, "--hinge", "A/40-88", "--hinge-angle", 40,
+                                     "--seed", 1, "--device", "cpu", "--threads", threads]],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def measure(cmd: list, log: Path, interval: float = 0.1) -> dict:
+    """Run ``cmd``; its wall time and peak RSS (bytes, the process and its children)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
+        ps, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                peak = max(peak, rss)
+            except psutil.Error:
+                pass
+            time.sleep(interval)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}); see {log}")
+    return {"wall_s": wall, "peak_rss_bytes": peak}
+
+
+def table(rows: list) -> str:
+    head = f"{'program':16s} {'N':>8s} {'box':>4s} {'--max-memory':>12s} {'store':>6s} {'peak RSS':>10s} " \
+           f"{'wall':>8s} {'part/s/core':>11s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['program']:16s} {r['n']:8d} {r['box']:4d} {r['budget']:>12s} {r['store']:>6s} "
+                     f"{r['peak_rss_bytes'] / 2 ** 30:8.2f} GB {r['wall_s']:7.0f}s {r['particles_per_s_core']:11.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="50000,100000,200000", help="numbers of particles, comma-separated")
+    p.add_argument("--box", type=int, default=64, help="image box (px, 1.5 Å pixels)")
+    p.add_argument("--budgets", default="1T,256M", help="--max-memory values, comma-separated")
+    p.add_argument("--programs", default=",".join(PROGRAMS), help="programs, comma-separated")
+    p.add_argument("--threads", type=int, default=2, help="--threads of every program (cores used)")
+    p.add_argument("--quick", action="store_true", help="2,000 and 4,000 particles (a check of the script)")
+    p.add_argument("--work", default=None, help="folder for the simulated sets (default: a temporary folder)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "output" / "scale"))
+    p.add_argument("--note", default="", help="a line about the machine (load, shared cores) for the table")
+    p.add_argument("--append", action="store_true", help="add the rows to those of an earlier results.json in --out")
+    args = p.parse_args(argv)
+    sizes = [2000, 4000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    budgets = args.budgets.split(",")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gsplat_scale_", dir=args.work))
+    rows, notes = [], []
+    if args.append and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        rows = old["rows"]
+        notes = old["meta"].get("earlier", []) + [old["meta"]["machine"] + ". " + old["meta"]["note"]]
+    try:
+        for n in sizes:
+            sim = work / f"sim_{n}"
+            t_sim = simulate(n, args.box, sim, args.threads)
+            print(f"simulated {n} particles at {args.box} px in {t_sim:.0f} s", flush=True)
+            for name in args.programs.split(","):
+                for budget in budgets:
+                    res_dir = work / f"{name}_{n}_{budget}"
+                    log = out / f"{name}_{n}_{budget}.log"
+                    cmd = PROGRAMS[name](sim, res_dir, budget, ["--threads", str(args.threads)])
+                    r = measure(cmd, log)
+                    text = log.read_text()
+                    r.update(program=name, n=n, box=args.box, budget=budget, threads=args.threads,
+                             store="disk" if "in the scratch folder" in text else "RAM",
+                             particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
+                    rows.append(r)
+                    print(table([r]).splitlines()[-1], flush=True)
+                    shutil.rmtree(res_dir, ignore_errors=True)
+            shutil.rmtree(sim, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    meta = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2 ** 30:.0f} GB RAM, "
+                       f"load average {os.getloadavg()[0]:.1f} at the end", "note": args.note, "earlier": notes}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = table(rows) + "\n\n" + "\n".join(notes + [f"{meta['machine']}. {meta['note']}"]) + "\n"
+    (out / "results.txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
