@@ -98,6 +98,48 @@ def guard_files(args, files: Callable) -> list:
     return safety.prepare_outputs(spec.outputs)
 
 
+def add_memory_args(parser: argparse.ArgumentParser, what: str, sizes: str) -> None:
+    """``--max-memory`` and ``--scratch``: ``what`` stays in RAM under the budget,
+    in a scratch file read in chunks above it; ``sizes`` says how big it is."""
+    from scipion_gsplat.core.spectra_store import DEFAULT_MAX_MEMORY
+    g = parser.add_argument_group("memory")
+    g.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
+                   help=f"memory for {what}, e.g. 4G, 500M, 1.5T (binary units). {sizes}. Above the budget "
+                        "they are kept in a scratch file and read in chunks on every pass (same results, "
+                        "peak memory independent of the number of particles, somewhat slower); the program "
+                        "itself needs a few hundred MB more")
+    g.add_argument("--scratch", default=None,
+                   help="folder for the scratch file when the particles exceed --max-memory (default: the "
+                        "output folder); a hidden .gsplat_cache_* folder is made there and removed at the "
+                        "end. Needs about the size above; a fast local disk helps")
+
+
+def memory_workspace(args, parent: Optional[str] = None):
+    """The :class:`~scipion_gsplat.core.spectra_store.SpectraWorkspace` of
+    ``--max-memory`` / ``--scratch`` (a context manager; its scratch folder,
+    made on first use in ``parent`` or the output folder, is removed at the end)."""
+    from scipion_gsplat.core.spectra_store import SpectraWorkspace, parse_memory
+    budget = parse_memory(args.max_memory)
+    if args.scratch and not os.path.isdir(args.scratch):
+        raise InputError(f"--scratch {args.scratch}: not a folder")
+    return SpectraWorkspace(budget, parent or args.output)
+
+
+def scratch_parent(args, reader) -> str:
+    """The folder for the scratch folder: ``--scratch`` or the output folder,
+    never a folder holding the input STAR file or its image stacks (then the
+    system's temporary folder, ``$TMPDIR``)."""
+    inputs = {os.path.dirname(os.path.realpath(args.input))}
+    inputs |= {os.path.dirname(p) for p in reader.stack_files()}
+    parent = os.path.realpath(args.scratch or args.output)
+    if parent in inputs:
+        if args.scratch:
+            raise InputError(f"--scratch {args.scratch} holds input files; give another folder")
+        import tempfile
+        parent = tempfile.gettempdir()
+    return parent
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every program has."""
     g = parser.add_argument_group("common options")

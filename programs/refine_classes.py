@@ -44,12 +44,13 @@ import pandas as pd
 from scipion_gsplat.core import io, masks
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import load_spectra
-from scipion_gsplat.core.spectra_store import DEFAULT_MAX_MEMORY, SpectraWorkspace, parse_memory
+from scipion_gsplat.core.spectra_store import SpectraWorkspace
 from scipion_gsplat.core.poses.star import pose_columns
 from scipion_gsplat.core.safety import ProgramFiles
 from scipion_gsplat.core.split_volume import files, heldout, pooled, refine
 
-from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime, working_box
+from ._cli import (Progress, add_memory_args, add_particle_args, console_entry, memory_workspace, read_posed_particles,
+                   scratch_parent, setup_runtime, working_box)
 
 DESCRIPTION = "Two-class 3D refinement and a 3D-pooled (eigenvolume) detector, poses fixed or refined locally."
 
@@ -116,19 +117,10 @@ def add_args(parser) -> None:
     parser.add_argument("--eigen-iterations", type=int, default=15,
                         help="alternating least-squares iterations of the eigenvolume")
     parser.add_argument("--mask", help="3D mask for the eigenvolume (default: from the consensus map)")
-    mem = parser.add_argument_group("memory")
-    mem.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
-                     help="memory for the particles' working-box spectra and CTFs, e.g. 4G, 500M, 1.5T "
-                          "(binary units). They take N × m × (m/2+1) × 12 bytes at working box m (200,000 "
-                          "particles at m = 32: 1.2 GB; at m = 64: 4.7 GB), more with pose refinement "
-                          "(a refined copy) and for the eigenvolume's residuals. Above the budget they are "
-                          "kept in a scratch file and read in chunks on every pass (same results, peak "
-                          "memory independent of the number of particles, somewhat slower); the program "
-                          "itself needs a few hundred MB more")
-    mem.add_argument("--scratch", default=None,
-                     help="folder for the scratch file when the particles exceed --max-memory (default: "
-                          "the output folder); a hidden .gsplat_cache_* folder is made there and removed "
-                          "at the end. Needs about the size above; a fast local disk helps")
+    add_memory_args(parser, "the particles' working-box spectra and CTFs",
+                    "They take N × m × (m/2+1) × 12 bytes at working box m (200,000 particles at m = 32: "
+                    "1.2 GB; at m = 64: 4.7 GB), more with pose refinement (a refined copy) and for the "
+                    "eigenvolume's residuals")
     add_particle_args(parser)
 
 
@@ -227,26 +219,8 @@ def _log(msg: str) -> None:
     print("  " + msg, flush=True)
 
 
-def _scratch_parent(args, reader) -> str:
-    """The folder for the scratch folder: ``--scratch`` or the output folder,
-    never a folder holding the input STAR file or its image stacks (then the
-    system's temporary folder, ``$TMPDIR``)."""
-    inputs = {os.path.dirname(os.path.realpath(args.input))}
-    inputs |= {os.path.dirname(p) for p in reader.stack_files()}
-    parent = os.path.realpath(args.scratch or args.output)
-    if parent in inputs:
-        if args.scratch:
-            raise InputError(f"--scratch {args.scratch} holds input files; give another folder")
-        import tempfile
-        parent = tempfile.gettempdir()
-    return parent
-
-
 def main(args) -> None:
-    budget = parse_memory(args.max_memory)
-    if args.scratch and not os.path.isdir(args.scratch):
-        raise InputError(f"--scratch {args.scratch}: not a folder")
-    with SpectraWorkspace(budget, args.output) as workspace:  # the folder is made on first use only
+    with memory_workspace(args) as workspace:  # the scratch folder is made on first use only
         _main(args, workspace)
 
 
@@ -271,7 +245,7 @@ def _main(args, workspace: SpectraWorkspace) -> None:
     search = _search(args, pix)
     # copies held at once: the data, plus a pose-refined spectra copy (8 of the 12 bytes per pixel),
     # plus one per class with per-class poses
-    workspace.parent = _scratch_parent(args, reader)
+    workspace.parent = scratch_parent(args, reader)
     copies = 1.0 + (8 / 12 if search is not None else 0.0) + (
         16 / 12 if search is not None and args.pose_iterations > 0 else 0.0)
     log = _log
