@@ -1,0 +1,164 @@
+"""Benchmark: the programs at 1 and 2 ranks, and Fourier reconstruction against relion_reconstruct.
+
+Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
+
+1. Ranks: a simulated set (``--n`` particles at ``--box`` px) is processed by
+   ``gsplat_reconstruct_fourier``, ``gsplat_reconstruct_splat`` and
+   ``gsplat_gmm_heterogeneity`` once as one process and once as two ranks
+   (``torchrun --nproc-per-node 2``, or ``srun -N2 -n2`` with ``--srun`` on a
+   Slurm queue), each rank with ``--threads 1``: wall time, speedup, peak RSS
+   (all processes together) and particles per second per core. The outputs of
+   the two runs are compared (largest difference of the maps relative to the
+   largest voxel).
+2. Throughput at a large box: ``--n-large`` particles at ``--box-large`` px
+   (default 2,000 at 256 px) reconstructed by ``gsplat_reconstruct_fourier
+   --threads 1`` and by ``relion_reconstruct --ctf`` (one thread, RELION 3.1 has
+   no threads option in relion_reconstruct): particles per second each.
+
+Writes ``ranks.json`` and ``ranks.txt`` in ``--out`` (default
+``benchmarks/output/scale``); the simulated sets are deleted afterwards.
+
+Usage::
+
+    python benchmarks/scale_ranks.py --quick          # 2,000 particles, 64 px; 500 at 128 px
+    python benchmarks/scale_ranks.py --n 20000 --box 64 --n-large 2000 --box-large 256
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale import BIN, PDB, measure  # noqa: E402  (the same RSS/time measurement)
+
+from scipion_gsplat.core import io  # noqa: E402
+
+PROGRAMS = {
+    "reconstruct_fourier": lambda star, out: [BIN / "gsplat_reconstruct_fourier", "-i", star, "-o", out / "map.mrc",
+                                              "--halves"],
+    "reconstruct_splat": lambda star, out: [BIN / "gsplat_reconstruct_splat", "-i", star, "-o", out, "--halves",
+                                            "--n-gaussians", "2000", "--iterations", "2", "--align-rounds", "0"],
+    "gmm_heterogeneity": lambda star, out: [BIN / "gsplat_gmm_heterogeneity", "-i", star, "-o", out,
+                                            "--n-gaussians", "1000", "--consensus-epochs", "1", "--motions", "2",
+                                            "--rounds", "1", "--frames", "3", "--classes", "2"],
+}
+#: the map each program writes (compared between 1 and 2 ranks)
+MAPS = {"reconstruct_fourier": "map.mrc", "reconstruct_splat": "map.mrc", "gmm_heterogeneity": "consensus.mrc"}
+
+
+def simulate(n: int, box: int, out: Path, angpix: float, hinge: bool) -> None:
+    cmd = [BIN / "gsplat_simulate", "-i", PDB, "-o", out, "-n", n, "--box", box, "--angpix", angpix,
+           "--snr", 0.1, "--seed", 1, "--device", "cpu", "--threads", 2]
+    if hinge:
+        cmd += ["--hinge", "A/40-88", "--hinge-angle", 40, "--n-states", 10]
+    subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def launcher(ranks: int, srun: bool) -> list:
+    if ranks == 1:
+        return []
+    if srun:
+        return ["srun", "-N", str(ranks), "-n", str(ranks)]
+    return [BIN / "torchrun", "--nproc-per-node", str(ranks), "--master-port", "29733"]
+
+
+def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list) -> list:
+    rows = []
+    for name in programs:
+        runs = {}
+        for ranks in (1, 2):
+            out = work / f"{name}_{ranks}"
+            cmd = launcher(ranks, srun) + PROGRAMS[name](star, out) + ["--threads", "1", "--device", "cpu"]
+            res = measure(cmd, work / f"{name}_{ranks}.log")
+            runs[ranks] = res
+            print(f"  {name}, {ranks} rank(s): {res['wall_s']:.1f} s, peak RSS {res['peak_rss_bytes'] / 2 ** 30:.2f} GB",
+                  flush=True)
+        a = io.read_map(str(work / f"{name}_1" / MAPS[name]))[0]
+        b = io.read_map(str(work / f"{name}_2" / MAPS[name]))[0]
+        rows.append({"program": name, "n": n, "wall_1": runs[1]["wall_s"], "wall_2": runs[2]["wall_s"],
+                     "speedup": runs[1]["wall_s"] / runs[2]["wall_s"],
+                     "rss_1_gb": runs[1]["peak_rss_bytes"] / 2 ** 30, "rss_2_gb": runs[2]["peak_rss_bytes"] / 2 ** 30,
+                     "per_s_per_core_1": n / runs[1]["wall_s"], "per_s_per_core_2": n / runs[2]["wall_s"] / 2,
+                     "map_difference": float(np.abs(a - b).max() / np.abs(a).max())})
+    return rows
+
+
+def throughput(star: Path, n: int, box: int, work: Path) -> dict:
+    ours = measure([BIN / "gsplat_reconstruct_fourier", "-i", star, "-o", work / "ours.mrc", "--threads", "1",
+                    "--device", "cpu"], work / "ours.log")
+    relion = shutil.which("relion_reconstruct")
+    out = {"n": n, "box": box, "ours_s": ours["wall_s"], "ours_per_s": n / ours["wall_s"]}
+    if relion:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        t0 = time.perf_counter()
+        with open(work / "relion.log", "w") as fh:
+            subprocess.run([relion, "--i", star.name, "--o", str(work / "relion.mrc"), "--ctf"], check=True,
+                           stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=star.parent)
+        wall = time.perf_counter() - t0
+        out.update(relion_s=wall, relion_per_s=n / wall, ratio=(n / ours["wall_s"]) / (n / wall))
+    return out
+
+
+def write(out_dir: Path, rows: list, thr: dict, note: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ranks.json").write_text(json.dumps({"ranks": rows, "throughput": thr, "note": note}, indent=1))
+    lines = [f"{'program':20s} {'N':>7s} {'1 rank':>8s} {'2 ranks':>8s} {'speedup':>8s} {'RSS 1':>7s} "
+             f"{'RSS 2':>7s} {'p/s/core 1':>10s} {'p/s/core 2':>10s} {'map diff':>9s}"]
+    for r in rows:
+        lines.append(f"{r['program']:20s} {r['n']:7d} {r['wall_1']:7.1f}s {r['wall_2']:7.1f}s {r['speedup']:8.2f} "
+                     f"{r['rss_1_gb']:6.2f}G {r['rss_2_gb']:6.2f}G {r['per_s_per_core_1']:10.1f} "
+                     f"{r['per_s_per_core_2']:10.1f} {r['map_difference']:9.1e}")
+    if thr:
+        lines.append("")
+        lines.append(f"Fourier reconstruction, {thr['n']} particles at {thr['box']} px, one thread each: ours "
+                     f"{thr['ours_per_s']:.1f} particles/s ({thr['ours_s']:.1f} s)" +
+                     (f", relion_reconstruct {thr['relion_per_s']:.1f} particles/s ({thr['relion_s']:.1f} s), "
+                      f"ratio {thr['ratio']:.2f}" if "relion_s" in thr else ", relion_reconstruct not found"))
+    lines.append(note)
+    (out_dir / "ranks.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=20000, help="particles of the ranks set")
+    p.add_argument("--box", type=int, default=64, help="box of the ranks set (px)")
+    p.add_argument("--n-large", type=int, default=2000, help="particles of the throughput set")
+    p.add_argument("--box-large", type=int, default=256, help="box of the throughput set (px)")
+    p.add_argument("--programs", default=",".join(PROGRAMS), help="programs of the ranks table")
+    p.add_argument("--srun", action="store_true", help="two ranks through srun (a Slurm queue) instead of torchrun")
+    p.add_argument("--quick", action="store_true", help="2,000 particles at 64 px; 500 at 128 px")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "output" / "scale"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.box, args.n_large, args.box_large = 2000, 64, 500, 128
+    work = Path(tempfile.mkdtemp(prefix="gsplat_ranks_"))
+    try:
+        sim = work / "sim"
+        simulate(args.n, args.box, sim, 1.5, hinge=True)
+        rows = ranks_table(sim / "particles.star", args.n, work, args.srun, args.programs.split(","))
+        shutil.rmtree(sim)
+        thr = {}
+        if args.n_large > 0:
+            large = work / "large"
+            simulate(args.n_large, args.box_large, large, 1.5 * 64 / args.box_large, hinge=False)
+            thr = throughput(large / "particles.star", args.n_large, args.box_large, work)
+        load = os.getloadavg()[0]
+        note = (f"{os.cpu_count()} cores; load average {load:.1f} at the end; each rank --threads 1; "
+                f"2 ranks via {'srun -N2' if args.srun else 'torchrun'}")
+        write(Path(args.out), rows, thr, note)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
