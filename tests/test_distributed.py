@@ -145,3 +145,18 @@ def test_heterogeneity_over_two_slurm_nodes(slurm_queue, sim_motion, tmp_path):
         assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), k
     a, b = _map(tmp_path / "one" / "consensus.mrc"), _map(tmp_path / "two" / "consensus.mrc")
     assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+
+
+def test_a_runs_programs_keep_to_its_threads(project):
+    """numpy/BLAS/OpenMP get the run's thread count, not every core of the node."""
+    from scipion_gsplat.protocols import ProtGsplatReconstructFourier
+    prot = project.newProtocol(ProtGsplatReconstructFourier, numberOfThreads=3, numberOfMpi=2)
+    calls = []
+    prot.runJob = lambda program, arguments, **kw: calls.append((program, arguments, kw))
+    prot.runProgram("reconstruct_fourier", ["-i", "particles.star"], ranks=True)
+    (program, arguments, kw), = calls
+    assert program.endswith("gsplat_reconstruct_fourier") and "--threads 3" in arguments
+    assert kw["numberOfMpi"] == 2
+    assert all(kw["env"][v] == "3" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
+    prot.runProgram("reconstruct_fourier", ["-i", "particles.star"])
+    assert calls[-1][2]["numberOfMpi"] == 1

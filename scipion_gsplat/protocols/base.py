@@ -233,8 +233,13 @@ class GsplatProgramMixin(GsplatLabelMixin):
         PARALLEL_COMMAND (srun on Slurm, mpirun or torchrun on a workstation)."""
         full = [str(a) for a in args] + self._commonArgs()
         n_ranks = max(1, int(self.numberOfMpi.get() or 1)) if ranks else 1
+        env = Plugin.getEnviron()
+        threads = str(max(1, self.numberOfThreads.get()))
+        # numpy/BLAS/OpenMP inside the run's threads too (torch follows --threads): on a shared
+        # node or in a queue job they would otherwise take every core of the machine
+        env.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads})
         self.runJob(Plugin.getProgram(name), " ".join(_quote(a) for a in full),
-                    env=Plugin.getEnviron(), numberOfMpi=n_ranks, numberOfThreads=1)
+                    env=env, numberOfMpi=n_ranks, numberOfThreads=1)
 
 
 def _quote(arg: str) -> str:
