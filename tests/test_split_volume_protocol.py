@@ -22,15 +22,11 @@ def _truth_by_id(prot_import, sim_pair):
     return dict(zip(ids, truth))
 
 
-def test_split_volume_graph_refine(project, pair_particles, sim_pair, tmp_path):
-    from scipion_gsplat.protocols import ProtGsplatSplitVolume
-    from scipion_gsplat.protocols.protocol_split_volume import MODE_GRAPH_REFINE
-    prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_GRAPH_REFINE, angularSampling=10.0,
-                               refineIterations=4, numberOfThreads=2)
-    prot.inputParticles.set(pair_particles)
-    prot.inputParticles.setExtended("outputParticles")
-    launch_and_wait(project, prot, timeout=900)
-    truth = _truth_by_id(pair_particles, sim_pair)
+def test_split_volume_graph_refine(in_gui_project, sim_pair, tmp_path):
+    """The finished graph + refinement run of the session's GUI project (angular
+    sampling 10°, 4 refinement iterations; one run serves the GUI tests and this one)."""
+    project, prot = in_gui_project["project"], in_gui_project["split"]
+    truth = _truth_by_id(in_gui_project["pair"], sim_pair)
     classes = prot.outputClasses
     assert classes.getSize() == 2
     labels, ref = [], []
