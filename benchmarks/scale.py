@@ -8,8 +8,11 @@ process and its children, polled every 0.1 s with psutil), the wall time and
 the particles per second per core; then delete the set. Writes
 ``results.json`` and ``results.txt`` (a table) in ``--out``.
 
-Programs are entries of :data:`PROGRAMS` (name → argument builder), so the
-other programs of issue 15 can be added next to ``refine_classes``.
+Programs are entries of :data:`PROGRAMS` (name → argument builder):
+``refine_classes``, ``gmm_heterogeneity`` and ``reconstruct_splat`` (short
+settings each; see their builders). The store column says where the particle
+data went: RAM, disk (a scratch file) or stacks (read from the image stacks per
+batch).
 
 Targets (issue 15): peak RSS under 4 GB at 200,000 × 64 px, independent of N.
 
@@ -50,8 +53,28 @@ def _refine_classes(sim: Path, out: Path, budget: str, extra: list) -> list:
             "--max-memory", budget] + extra
 
 
-#: name → (argument builder, whether it takes --max-memory)
-PROGRAMS = {"refine_classes": _refine_classes}
+def _gmm_heterogeneity(sim: Path, out: Path, budget: str, extra: list) -> list:
+    """Short settings: 1 consensus epoch, 1 round (1-epoch refit), 2 motions,
+    400 Gaussians, 2,000 particles in the gradient PCA; every stage still
+    passes over all particles (consensus, refit, coordinates twice). Images
+    Fourier-cropped to the 2.4 Å working pixel (40 px for 64 px at 1.5 Å)."""
+    return [BIN / "gsplat_gmm_heterogeneity", "-i", sim / "particles.star", "-o", out, "--n-gaussians", "400",
+            "--consensus-epochs", "1", "--rounds", "1", "--refit-epochs", "1", "--motions", "2",
+            "--pca-particles", "2000", "--frames", "2", "--final-epochs", "0", "--max-memory", budget] + extra
+
+
+def _reconstruct_splat(sim: Path, out: Path, budget: str, extra: list) -> list:
+    """One epoch per half set, 1,000 Gaussians, poses as given (no local
+    searches): the full-size images in RAM under the budget, else read from
+    the stacks at every step."""
+    return [BIN / "gsplat_reconstruct_splat", "-i", sim / "particles.star", "-o", out, "--halves",
+            "--iterations", "1", "--n-gaussians", "1000", "--sigma-ang", "0", "--sigma-shift", "0",
+            "--max-memory", budget] + extra
+
+
+#: name → argument builder ``(sim, out, budget, extra) → command``
+PROGRAMS = {"refine_classes": _refine_classes, "gmm_heterogeneity": _gmm_heterogeneity,
+            "reconstruct_splat": _reconstruct_splat}
 
 
 def simulate(n: int, box: int, out: Path, threads: int) -> float:
@@ -128,7 +151,8 @@ def main(argv=None) -> None:
                     r = measure(cmd, log)
                     text = log.read_text()
                     r.update(program=name, n=n, box=args.box, budget=budget, threads=args.threads,
-                             store="disk" if "in the scratch folder" in text else "RAM",
+                             store=("disk" if "in the scratch folder" in text else
+                                    "stacks" if "read from the stacks" in text else "RAM"),
                              particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
                     rows.append(r)
                     print(table([r]).splitlines()[-1], flush=True)

@@ -46,7 +46,8 @@ from scipion_gsplat.core.poses.rotations import compose
 from scipion_gsplat.core.poses.star import pose_columns
 from scipion_gsplat.core.safety import ProgramFiles
 
-from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime
+from ._cli import (Progress, add_memory_args, add_particle_args, console_entry, memory_workspace,
+                   read_posed_particles, scratch_parent, setup_runtime)
 
 DESCRIPTION = ("Continuous heterogeneity: eigen-motions of a Gaussian model from per-particle gradients, "
                "and each particle's coordinates along them.")
@@ -125,6 +126,10 @@ def add_args(parser) -> None:
     o.add_argument("--subset-motion", type=int, default=1, help="motion binned by --subset-method bins")
     o.add_argument("--restart", action="store_true", help="ignore the state of an earlier run in the output folder "
                    "(one from other particles or settings is never used)")
+    add_memory_args(parser, "the particle images at the working box (Fourier-cropped)",
+                    "They take N × m² × 4 bytes at working box m (200,000 particles at m = 40: 1.2 GB; at "
+                    "m = 64: 3.1 GB); with --final-epochs the full-size images are kept too when both fit "
+                    "(else read from the stacks per batch)")
 
 
 def config_from_args(args, pixel_A: float = 1.0) -> HeterogeneityConfig:
@@ -183,10 +188,16 @@ def program_files(args) -> ProgramFiles:
 
 
 def main(args) -> None:
+    with memory_workspace(args) as workspace:  # the scratch folder is made on first use only
+        _main(args, workspace)
+
+
+def _main(args, workspace) -> None:
     device = setup_runtime(args)
     world = distributed.init(device)
     device = distributed.rank_device(device, world)
-    star, _ = read_posed_particles(args, need_ctf=True)
+    star, reader = read_posed_particles(args, need_ctf=True)
+    workspace.parent = scratch_parent(args, reader)
     cfg = config_from_args(args, star.pixel_size)
     box, pix = star.box_size, star.pixel_size
     check_segmentation(args.segmentation, box)
@@ -205,7 +216,7 @@ def main(args) -> None:
         print(f"  {line}", flush=True)
 
     res = run_heterogeneity(star, cfg, seed=args.seed, device=device, workdir=args.output, log=log,
-                            progress_factory=lambda label: Progress(label), world=world)
+                            progress_factory=lambda label: Progress(label), world=world, workspace=workspace)
     if not world.is_main:  # rank 0 writes the outputs
         return
     z, mm = res.coordinates, res.model

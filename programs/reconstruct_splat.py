@@ -47,7 +47,8 @@ from scipion_gsplat.core.splat.fit import FitConfig  # noqa: E402
 from scipion_gsplat.core.splat.plots import save_report  # noqa: E402
 from scipion_gsplat.core.splat.reconstruct import INIT_MODES, InitSpec, half_rows, reconstruct_splat  # noqa: E402
 
-from ._cli import Progress, add_particle_args, console_entry, read_posed_particles, setup_runtime  # noqa: E402
+from ._cli import (Progress, add_memory_args, add_particle_args, console_entry, memory_workspace,  # noqa: E402
+                   read_posed_particles, scratch_parent, setup_runtime)
 from .reconstruct_fourier import fsc_table  # noqa: E402
 
 DEFAULT_SIGMA_ANG_DEG = 2.0
@@ -63,6 +64,11 @@ def add_args(parser) -> None:
     parser.add_argument("--halves", action="store_true",
                         help="fit the two half sets (rlnRandomSubset) independently: half maps and FSC")
     add_particle_args(parser)
+    add_memory_args(parser, "the particle images (full size) and the pose search's spectra",
+                    "The images take N × box² × 4 bytes (200,000 particles at 64 px: 3.1 GB; at 256 px: "
+                    "49 GB); above the budget they are read from the stacks at every step. The local pose "
+                    "searches (--sigma-ang) keep N × m × (m/2+1) × 12 bytes at a working box m of about 2 Å "
+                    "pixels, in a scratch file above the budget")
     parser.add_argument("--no-ctf", action="store_true", help="ignore the CTF")
     g = parser.add_argument_group("initial model")
     g.add_argument("--init", choices=INIT_MODES, default="map",
@@ -243,12 +249,18 @@ def program_files(args) -> ProgramFiles:
 def main(args) -> None:
     # a console script counts from its imports; a run in-process long after the import, from here
     t_start = _T_START if time.time() - _T_START < 30.0 else time.time()
+    with memory_workspace(args) as workspace:  # the scratch folder is made on first use only
+        _main(args, workspace, t_start)
+
+
+def _main(args, workspace, t_start: float) -> None:
     device = setup_runtime(args)
     world = distributed.init(device)
     device = distributed.rank_device(device, world)
     if args.time_limit is not None and not args.time_limit > 0:
         raise InputError("--time-limit must be positive")
-    star, _ = read_posed_particles(args, need_ctf=not args.no_ctf)
+    star, reader = read_posed_particles(args, need_ctf=not args.no_ctf)
+    workspace.parent = scratch_parent(args, reader)
     box, pix = star.box_size, star.pixel_size
     config = fit_config(args, pix)
     search = prealign_search(args, pix)
@@ -274,7 +286,8 @@ def main(args) -> None:
     rec = reconstruct_splat(star, spec, config, halves=args.halves, seed=args.seed, device=device,
                             use_ctf=not args.no_ctf, checkpoint_dir=args.output, log=log,
                             progress_factory=lambda label: Progress(label) if world.is_main else None, deadline=deadline,
-                            prealign=search, prealign_rounds=align_rounds(args), world=world)
+                            prealign=search, prealign_rounds=align_rounds(args), world=world,
+                            workspace=workspace)
     if not world.is_main:  # rank 0 writes the outputs
         return
     fmt = args.model_format or ("pdb" if len(rec.model) <= 99999 else "cif")

@@ -43,6 +43,7 @@ from ..distributed import World
 from ..io import ImageReader, InputError, ParticleStar, atomic_path, read_map
 from ..particle_spectra import working_box
 from ..safety import input_signature
+from ..spectra_store import format_bytes
 from ..splat.data import ParticleData
 from ..splat.fit import FitConfig, fit
 from ..splat.model import GaussianModel
@@ -384,8 +385,15 @@ def _stage_name(stage: int, rounds: int) -> str:
 def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 0, device="cpu",
                       workdir=None, log: Callable[[str], None] = print,
                       progress_factory: Optional[Callable[[str], Callable]] = None,
-                      world: Optional[World] = None) -> HeterogeneityResult:
+                      world: Optional[World] = None, workspace=None) -> HeterogeneityResult:
     """Consensus, eigen-motions and per-particle coordinates for all particles of ``star``.
+
+    ``workspace``: memory budget and scratch folder
+    (:class:`..spectra_store.SpectraWorkspace`, ``--max-memory``) for the images:
+    the working-box images stay in RAM under it, else in a scratch file; the
+    full-size ones are kept in RAM only when needed (``final_epochs``) and
+    both fit, else read from the stacks per batch. None: the full-size images
+    in RAM up to 2 GB, the working-box ones in RAM.
 
     ``world``: ranks sharing the work (:mod:`..distributed`): the fits share each
     minibatch, the per-particle stages (gradients, coordinates) split the
@@ -404,11 +412,18 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         raise InputError("the pose prior σ must not be negative")
     if len(star) < 2 * cfg.n_motions + 2:
         raise InputError(f"{len(star)} particles are too few for {cfg.n_motions} eigen-motions")
-    full = data = ParticleData.from_star(star, None, device, use_ctf=True)
-    work = working_box(cfg.resize, data.box, data.pixel_size_A, WORKING_PIXEL_A)
+    work = working_box(cfg.resize, star.box_size, star.pixel_size, WORKING_PIXEL_A)
+    keep_full = None  # no workspace: in RAM up to 2 GB
+    if workspace is not None:
+        n, box = len(star), star.box_size
+        needed = work == box or cfg.final_epochs > 0
+        keep_full = needed and workspace.fits(n * box * box * 4 + (n * work * work * 4 if work != box else 0))
+    full = data = ParticleData.from_star(star, None, device, use_ctf=True, workspace=workspace, preload=keep_full)
     if work != data.box:
-        data = data.downsampled(work)
+        data = data.downsampled(work, progress=prog("Fourier-cropping the particles"))
         log(f"particles Fourier-cropped to {work} px ({data.pixel_size_A:.2f} Å pixels)")
+    if workspace is not None:
+        log(f"working images: {data.describe()} (budget --max-memory {format_bytes(workspace.max_bytes)})")
     signature = _signature(star, cfg, seed) if workdir else None
     state_path = Path(workdir) / "state.npz" if workdir else None
     checkpoint = Path(workdir) / CONSENSUS_CHECKPOINT if workdir else None

@@ -31,6 +31,7 @@ from ..poses.local_search import LocalSearch, refine_iteratively
 from ..poses.star import with_poses
 from ..reconstruct import reconstruct_particles
 from ..safety import files_digest, input_signature
+from ..spectra_store import format_bytes
 from . import init as initial
 from .data import ParticleData
 from .fit import FitConfig, FitResult, fit
@@ -193,7 +194,7 @@ def fit_inputs(star: ParticleStar, rows: np.ndarray, stack_files: list, spec: In
 
 def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rounds: int,
                device="cpu", target_pixel_A: float = 2.0,
-               log: Optional[Callable[[str], None]] = None) -> ParticleStar:
+               log: Optional[Callable[[str], None]] = None, workspace=None) -> ParticleStar:
     """The particles with poses refined by gold-standard local searches before any fit.
 
     Every round reconstructs the two half maps (``rlnRandomSubset``) from the
@@ -201,12 +202,14 @@ def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rou
     map only (:func:`..poses.local_search.refine_iteratively` without an
     external reference), as RELION's auto-refine does; the half sets stay
     independent. Works on Fourier-cropped spectra with a pixel of about
-    ``target_pixel_A`` Å.
+    ``target_pixel_A`` Å, in RAM under the budget of ``workspace``
+    (:class:`..spectra_store.SpectraWorkspace`), else in its scratch folder.
     """
     box, pix = star.box_size, star.pixel_size
     work = working_box(0, box, pix, target_pixel_A=target_pixel_A)
-    data = load_spectra(star, reader, work, device)
-    if not bool(torch.isfinite(torch.view_as_real(data.spectra)).all()):
+    data = load_spectra(star, reader, work, device, workspace=workspace, log=log)
+    if not all(bool(torch.isfinite(torch.view_as_real(data.spectra[s:s + 4096])).all())
+               for s in range(0, len(data), 4096)):
         raise InputError(f"{star.path}: the particle images contain NaN or infinite pixels")
     total, _, _ = refine_iteratively(data, None, search, rounds, progress=log)
     return with_poses(star, data.poses, star.shifts_A() + total.delta_origin_A)
@@ -217,7 +220,7 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
                       checkpoint_dir=None, log: Optional[Callable[[str], None]] = None,
                       progress_factory: Optional[Callable[[str], Callable]] = None,
                       deadline: Optional[float] = None, prealign: Optional[LocalSearch] = None,
-                      prealign_rounds: int = 2, world=None) -> SplatReconstruction:
+                      prealign_rounds: int = 2, world=None, workspace=None) -> SplatReconstruction:
     """Fit Gaussian models to the particles, per half set, and make maps and FSC.
 
     Args:
@@ -234,6 +237,11 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         world: ranks (:mod:`..distributed`) sharing the initial reconstruction
             and every minibatch of the fits; the local pose searches run on
             every rank (same result, not yet split).
+        workspace: memory budget and scratch folder
+            (:class:`..spectra_store.SpectraWorkspace`, ``--max-memory``): the
+            particle images are held in RAM when all of them fit, else read from
+            the stacks per batch; the pre-alignment spectra likewise (RAM or a
+            scratch file). None: images in RAM up to 2 GB per half set.
     """
     t0 = time.time()
     if not star.has_poses:
@@ -247,11 +255,17 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         if log:
             log(f"local pose searches before the fit: {prealign_rounds} gold-standard round(s), "
                 f"σ {prealign.sigma_ang_deg:g}° / {prealign.sigma_shift_A:.2f} Å")
-        star = prealigned(star, reader, prealign, prealign_rounds, device, log=log)
+        star = prealigned(star, reader, prealign, prealign_rounds, device, log=log, workspace=workspace)
     rows = half_rows(star, halves)
     stacks = reader.stack_files()
     prog = progress_factory or (lambda label: None)
-    datas = [ParticleData.from_star(star, r, device, use_ctf, reader=reader) for r in rows]
+    preload = None if workspace is None else workspace.fits(len(star) * box * box * 4)  # both halves at once
+    datas = [ParticleData.from_star(star, r, device, use_ctf, reader=reader, workspace=workspace, preload=preload)
+             for r in rows]
+    if log and workspace is not None:
+        log(f"particle images: {sum(len(d) for d in datas)} × {box}² px, "
+            f"{'in memory' if preload else 'read from the stacks per batch'} (budget --max-memory "
+            f"{format_bytes(workspace.max_bytes)})")
     models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
                                           prog("initial reconstruction"), world)
     for note in notes:
