@@ -198,7 +198,7 @@ def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityCo
             corrections = (np.asarray(res.pose_omega, np.float64), np.asarray(res.pose_shift_A, np.float64))
     if cfg.refine_poses and not joint:
         corrections = search_corrections(star, model, data.box, cfg.sigma_ang_deg, cfg.sigma_shift_A,
-                                         device, log)
+                                         device, log, workspace=data.workspace)
     if corrections is not None:
         s = correction_summary(*corrections, data.pixel_size_A * data.box / star.box_size)
         log(f"poses refined against the consensus ({cfg.pose_method}): median change "

@@ -29,17 +29,18 @@ POSE_METHODS = ("gradient", "search")
 
 
 def search_corrections(star: ParticleStar, model: GaussianModel, work_box: int, sigma_ang_deg: float,
-                       sigma_shift_A: float, device="cpu", log: Optional[Callable[[str], None]] = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       sigma_shift_A: float, device="cpu", log: Optional[Callable[[str], None]] = None,
+                       workspace=None) -> tuple[np.ndarray, np.ndarray]:
     """Local grid search of every particle of ``star`` against the consensus
     ``model`` voxelised at ``work_box`` pixels (σ 0 keeps that part fixed: a
-    tiny σ is searched, which the prior pins to zero).
+    tiny σ is searched, which the prior pins to zero). ``workspace``: the
+    memory budget of the spectra (:func:`..particle_spectra.load_spectra`).
 
     Returns:
         ``(omega (M, 3) rad, shift_A (M, 2) Å)`` float64.
     """
     from ..poses.local_search import LocalSearch, refine_poses
-    spectra = load_spectra(star, ImageReader(star), work_box, device)
+    spectra = load_spectra(star, ImageReader(star), work_box, device, workspace=workspace, log=log)
     # the model renders images that sum to its amplitude at the working pixel (ParticleData's
     # convention, pixel values × (box/work)² after cropping); the cropped spectra keep the
     # real-space pixel values: scale the map to them
