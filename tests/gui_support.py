@@ -146,6 +146,24 @@ def mouse(canvas, name: str, x: float, y: float, button: int = 1) -> None:
     canvas.callbacks.process(name, MouseEvent(name, canvas, x, y, button=button))
 
 
+def open_one_window(viewer, action: str, seconds: float = 0.8):
+    """Run a viewer action as its eye button does (``_visualizeParam``) and return
+    ``(title, figure)`` of the one new matplotlib window it opened, asserting that
+    no dialog and no Tk exception came with it."""
+    import matplotlib.pyplot as plt
+    before = figure_titles()
+    with DialogRecorder() as rec:
+        viewer._visualizeParam(action)
+        pump(seconds)
+    titles = figure_titles()
+    assert rec.messages == [] and rec.exceptions == [], (rec.messages, rec.exceptions)
+    assert len(titles) == len(before) + 1, (before, titles)  # exactly one new window, at once
+    title = next(t for t in titles if t not in before)
+    figures = [plt.figure(n) for n in plt.get_fignums()
+               if plt.figure(n).canvas.manager.get_window_title() == title]
+    return title, figures[-1]
+
+
 class DialogRecorder:
     """Replace pyworkflow's message dialogs by recorders (a modal dialog would
     block the test); ``messages`` is a list of ``(kind, title, text)``.

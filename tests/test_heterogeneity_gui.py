@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from matplotlib.path import Path
 
-from gui_support import (DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, mouse, pump,
-                         screenshot)
+from gui_support import (DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, mouse,
+                         open_one_window, pump, screenshot)
 
 #: action → start of the title of the window it opens
 ACTIONS = {
@@ -144,16 +144,8 @@ def test_het_action_opens_on_first_click(gui_display, in_gui_project, action, tm
     viewer = _viewer(in_gui_project["project"], in_gui_project["het"])
     close_all()
     capfd.readouterr()
-    before = figure_titles()
-    with DialogRecorder() as rec:
-        viewer._visualizeParam(action)
-        pump(0.8)
-    titles = figure_titles()
-    assert rec.messages == [] and rec.exceptions == []
-    assert len(titles) == len(before) + 1, (before, titles)  # exactly one new window, at once
-    title = next(t for t in titles if t not in before)
+    title, fig = open_one_window(viewer, action)
     assert title.startswith(ACTIONS[action]), title
-    fig = _figure(title)
     if action == "displayMaps":  # the three frames along motion 1 in one window with a frame slider
         browser = fig._gsplat_slices
         assert browser.n_frames == 3 and browser.frame_slider is not None

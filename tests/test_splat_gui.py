@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gui_support import DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, pump, screenshot
+from gui_support import (DialogRecorder, assert_not_blank, close_all, figure_titles, keep_shot, open_one_window,
+                         pump, screenshot)
 
 #: viewer action → the start of the title of the window it opens
 ACTIONS = {
@@ -30,31 +31,14 @@ def _viewer(project, prot):
     return viewer
 
 
-def _figure(title: str):
-    import matplotlib.pyplot as plt
-    for num in plt.get_fignums():
-        fig = plt.figure(num)
-        if fig.canvas.manager.get_window_title() == title:
-            return fig
-    raise AssertionError(f"no figure titled {title!r}")
-
-
 @pytest.mark.parametrize("action", list(ACTIONS))
 def test_splat_action_opens_on_first_click(gui_display, in_gui_project, action, tmp_path, capfd):
     prot = in_gui_project["splat"]
     viewer = _viewer(in_gui_project["project"], prot)
     close_all()
     capfd.readouterr()
-    before = figure_titles()
-    with DialogRecorder() as rec:
-        viewer._visualizeParam(action)
-        pump(0.8)
-    titles = figure_titles()
-    assert rec.messages == [] and rec.exceptions == []
-    assert len(titles) == len(before) + 1, (before, titles)  # exactly one new window, at once
-    title = next(t for t in titles if t not in before)
+    title, fig = open_one_window(viewer, action)
     assert title.startswith(ACTIONS[action]), title
-    fig = _figure(title)
     if action == "displayFsc":  # threshold line, its label and the resolution where the curve crosses it
         ax = fig.axes[0]
         texts = [t.get_text() for t in ax.texts]
