@@ -32,6 +32,14 @@ class GsplatProgramMixin(GsplatLabelMixin):
     builds the common program arguments from them.
     """
 
+    def _defineExtraParams(self, form, program: str, example: str = "") -> None:
+        """The expert 'Additional arguments' of ``program`` (``example``: e.g. "--rounds 5")."""
+        eg = f" (e.g. {example})" if example else ""
+        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
+                      label="Additional arguments",
+                      help=f"More options of the {program} program, as typed on its command line{eg}; "
+                           f"see {program} --help. As RELION's 'Additional arguments'.")
+
     def _defineComputeParams(self, form, threads: int = 2, gpu: bool = True, mpi: bool = False) -> None:
         """Add the seed, GPU and thread parameters (call at the end of _defineParams);
         ``mpi``: also the number of processes (the program splits its work over

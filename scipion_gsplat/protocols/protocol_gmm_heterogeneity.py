@@ -127,11 +127,7 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                            "the model's map at the subset's mean coordinate, as the 'cluster' mode of "
                            "CryoSPARC's 3D variability display. 0 (default): none; subsets can also be "
                            "picked later in the viewer.")
-        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments",
-                      help="More options of the gsplat_gmm_heterogeneity program, as typed on its "
-                           "command line (e.g. --part-sigma-rot 5); see gsplat_gmm_heterogeneity "
-                           "--help. As RELION's 'Additional arguments'.")
+        self._defineExtraParams(form, "gsplat_gmm_heterogeneity", "--part-sigma-rot 5")
         self._defineComputeParams(form)
 
     def _insertAllSteps(self):

@@ -137,11 +137,7 @@ class ProtGsplatReconstructSplat(GsplatProgramMixin, ProtReconstruct3D):
                       expertLevel=params.LEVEL_ADVANCED, label="Refine poses during the fit?",
                       help="Also refine the poses by gradient descent together with the Gaussians "
                            "(a small further gain with pose errors, a small loss with exact poses).")
-        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments",
-                      help="More options of the gsplat_reconstruct_splat program, as typed on its "
-                           "command line (e.g. --init-lowpass 8 --time-limit 3600); see "
-                           "gsplat_reconstruct_splat --help. As RELION's 'Additional arguments'.")
+        self._defineExtraParams(form, "gsplat_reconstruct_splat", "--init-lowpass 8 --time-limit 3600")
         self._defineComputeParams(form, mpi=True)
 
     def _insertAllSteps(self):

@@ -74,10 +74,7 @@ class ProtGsplatRefinePoses(GsplatProgramMixin, ProtRefine3D):
                            "limit of the alignment or CryoSPARC's 'Maximum align resolution'. -1 "
                            "(default): up to the Nyquist of the working box (about 6 Å with the "
                            "automatic 3 Å pixel).")
-        form.addParam("extraParams", params.StringParam, default="", expertLevel=params.LEVEL_ADVANCED,
-                      label="Additional arguments",
-                      help="More options of the gsplat_refine_poses program, as typed on its command "
-                           "line; see gsplat_refine_poses --help. As RELION's 'Additional arguments'.")
+        self._defineExtraParams(form, "gsplat_refine_poses")
         self._defineComputeParams(form)
 
     def _insertAllSteps(self):
