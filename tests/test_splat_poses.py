@@ -165,3 +165,19 @@ def test_negative_sigma_is_refused_with_exit_code_2(sim_pose_errors, tmp_path, c
                                       opt, "-1"])
         assert code == 2
         assert opt in capsys.readouterr().err
+
+
+def test_fit_signature_covers_the_pose_searches_not_their_rounding(sim_small):
+    """The fits' checkpoints are signed with the particles as given plus the
+    pose-search settings: other settings refuse a resume; the refined poses'
+    own bits (recomputed on a rerun) do not enter."""
+    from scipion_gsplat.core import io
+    from scipion_gsplat.core.splat.reconstruct import InitSpec, fit_inputs
+    star = io.read_particles(str(sim_small / "particles.star"))
+    rows = np.arange(len(star))
+    stacks = io.ImageReader(star).stack_files()
+    spec = InitSpec()
+    a = fit_inputs(star, rows, stacks, spec, True, True, 0, {"sigma_ang_deg": 2.0, "rounds": 2})
+    assert a == fit_inputs(star, rows, stacks, spec, True, True, 0, {"sigma_ang_deg": 2.0, "rounds": 2})
+    assert a != fit_inputs(star, rows, stacks, spec, True, True, 0, {"sigma_ang_deg": 3.0, "rounds": 2})
+    assert a != fit_inputs(star, rows, stacks, spec, True, True, 0, None)

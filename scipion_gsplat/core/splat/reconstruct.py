@@ -178,18 +178,21 @@ def initial_models(star: ParticleStar, spec: InitSpec, halves: bool, seed: int, 
 
 
 def fit_inputs(star: ParticleStar, rows: np.ndarray, stack_files: list, spec: InitSpec, halves: bool,
-               use_ctf: bool, seed: int) -> str:
+               use_ctf: bool, seed: int, prealign: Optional[dict] = None) -> str:
     """What one fit is computed from (:func:`..safety.input_signature`): its
-    particle rows (every column), the image stacks (size, modification time) and
-    the options that make its data and initial model (init spec, its file and
-    mask, half sets, CTF, seed). A checkpoint of other inputs is not resumed."""
+    particle rows as given (every column), the image stacks (size, modification
+    time) and the options that make its data and initial model (init spec, its
+    file and mask, half sets, CTF, seed, the local pose searches before the fit).
+    A checkpoint of other inputs is not resumed. The rows are signed before the
+    pose searches: their refined poses follow from these inputs, and a float
+    rounding difference in them would otherwise refuse a valid resume."""
     init = {k: v for k, v in asdict(spec).items() if k != "mask"}
     init["file_digest"] = files_digest([spec.file]) if spec.file else None
     init["mask_digest"] = (None if spec.mask is None else
                            hashlib.sha256(np.ascontiguousarray(spec.mask, np.float32).tobytes()).hexdigest())
     return input_signature(star.particles.iloc[rows], stack_files, init=init, halves=bool(halves),
                            use_ctf=bool(use_ctf), seed=int(seed), box=star.box_size,
-                           pixel_size_A=star.pixel_size)
+                           pixel_size_A=star.pixel_size, prealign=prealign)
 
 
 def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rounds: int,
@@ -251,7 +254,10 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     reader = ImageReader(star)
     reader.check()
     box, pix = star.box_size, star.pixel_size
+    given = star  # the particles as given: what the fits' checkpoints are signed with
+    searched = None
     if prealign is not None and prealign_rounds > 0:
+        searched = {**asdict(prealign), "rounds": int(prealign_rounds)}
         if log:
             log(f"local pose searches before the fit: {prealign_rounds} gold-standard round(s), "
                 f"σ {prealign.sigma_ang_deg:g}° / {prealign.sigma_shift_A:.2f} Å")
@@ -289,7 +295,7 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         fits.append(fit(model, data, cfg, seed=int(seed) * 2 + k, pairs=pr, checkpoint=ck,
                         progress=prog(f"fitting {label}"),
                         log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None,
-                        inputs=fit_inputs(star, rows[k], stacks, spec, halves, use_ctf, seed),
+                        inputs=fit_inputs(given, rows[k], stacks, spec, halves, use_ctf, seed, searched),
                         world=world))
     half_models = [f.model for f in fits]
     maps = [m.to_map(box, pix, device=device) for m in half_models]
