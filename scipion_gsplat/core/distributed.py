@@ -170,6 +170,33 @@ class World:
             t.grad.copy_(flat[pos:pos + n].view_as(t.grad))
             pos += n
 
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``tensor`` on every rank with rank ``src``'s (complex too); returns it.
+        For work done once (a map solved on rank 0) that every rank needs."""
+        if self.size > 1:
+            target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
+            torch.distributed.broadcast(target, src)
+        return tensor
+
+    def broadcast_array(self, array: Optional[np.ndarray], src: int = 0) -> np.ndarray:
+        """Rank ``src``'s numpy array on every rank (the others may pass None)."""
+        if self.size == 1:
+            return array
+        obj = [array if self.rank == src else None]
+        torch.distributed.broadcast_object_list(obj, src)
+        return obj[0]
+
+    def gather_rows(self, array: np.ndarray) -> np.ndarray:
+        """Every rank's ``array`` (rows = its shard, same trailing shape and dtype)
+        concatenated in rank order, on every rank: per-particle results back in
+        the order of :meth:`shard`."""
+        array = np.asarray(array)
+        if self.size == 1:
+            return array
+        parts = [None] * self.size
+        torch.distributed.all_gather_object(parts, array)
+        return np.concatenate(parts, axis=0)
+
     def barrier(self) -> None:
         if self.size > 1:
             torch.distributed.barrier()
