@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -107,11 +108,13 @@ def add_memory_args(parser: argparse.ArgumentParser, what: str, sizes: str) -> N
                    help=f"memory for {what}, e.g. 4G, 500M, 1.5T (binary units). {sizes}. Above the budget "
                         "they are kept in a scratch file and read in chunks on every pass (same results, "
                         "peak memory independent of the number of particles, somewhat slower); the program "
-                        "itself needs a few hundred MB more")
+                        "itself needs a few hundred MB more. With several ranks (MPI) the budget is per node: "
+                        "the ranks of one node share it")
     g.add_argument("--scratch", default=None,
                    help="folder for the scratch file when the particles exceed --max-memory (default: the "
                         "output folder); a hidden .gsplat_cache_* folder is made there and removed at the "
-                        "end. Needs about the size above; a fast local disk helps")
+                        "end (also when the run is cancelled; one left by a killed run is removed by the next "
+                        "run there). Needs about the size above; a fast local disk helps")
 
 
 def memory_workspace(args, parent: Optional[str] = None):
@@ -122,7 +125,12 @@ def memory_workspace(args, parent: Optional[str] = None):
     budget = parse_memory(args.max_memory)
     if args.scratch and not os.path.isdir(args.scratch):
         raise InputError(f"--scratch {args.scratch}: not a folder")
-    return SpectraWorkspace(budget, parent or args.output)
+    ranks_here = distributed.local_size()
+    if ranks_here > 1:  # the budget is the node's: its ranks share it
+        budget //= ranks_here
+        if distributed.detect()[0] == 0:
+            print(f"  --max-memory {args.max_memory} shared by the {ranks_here} ranks of this node", flush=True)
+    return SpectraWorkspace(budget, parent or args.output, log=lambda msg: print("  " + msg, flush=True))
 
 
 def scratch_parent(args, reader) -> str:
@@ -210,6 +218,19 @@ def _one_line_error(prog: str, args, msg: str) -> int:
     return EXIT_BAD_INPUT
 
 
+def _exit_on_sigterm():
+    """Make SIGTERM (``scancel``, a queue's time limit, ``kill``) end the program
+    as an exception, so that its clean-up runs (scratch folders, partial files);
+    returns the previous handler (None where handlers cannot be set)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _terminate(signum, frame):
+        raise SystemExit(128 + signum)
+    return signal.signal(signal.SIGTERM, _terminate)
+
+
 def run_program(prog: str, description: str, add_args: Callable, main: Callable,
                 argv: Optional[Sequence[str]] = None, files: Optional[Callable] = None,
                 ranks: bool = False) -> int:
@@ -227,6 +248,7 @@ def run_program(prog: str, description: str, add_args: Callable, main: Callable,
     parser = make_parser(prog, description, add_args)
     args = parser.parse_args(argv)
     created, ok = [], False
+    previous = _exit_on_sigterm()
     try:
         size = distributed.detect()[1]
         if size > 1 and not ranks:
@@ -244,6 +266,8 @@ def run_program(prog: str, description: str, add_args: Callable, main: Callable,
         where = f": {exc.filename}" if exc.filename else ""
         return _one_line_error(prog, args, f"{exc.strerror or exc}{where}")
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _GUARD_STARS.clear()
         distributed.shutdown()
         if not ok:

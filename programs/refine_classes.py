@@ -27,6 +27,13 @@ scratch file (``--scratch``, default a hidden folder in the output folder,
 removed at the end) and every pass reads them in chunks: the peak memory then
 no longer grows with the number of particles.
 
+Several processes (``srun``, ``torchrun``, ``mpirun``; Scipion's MPI field):
+each rank reads and keeps only its share of the particles (the memory budget
+is per rank), sums over particles (maps, noise spectrum, class fractions) are
+added over the ranks, local pose searches run on each rank's share, and rank 0
+gathers the per-particle results and writes the files; the same result as one
+process within float rounding.
+
 Poses with errors (``--sigma-ang``, ``--sigma-shift``): every pose is first
 refined locally against the consensus map, and everything after uses the
 refined poses; ``particles.star`` then carries each particle's refined pose
@@ -41,7 +48,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from scipion_gsplat.core import io, masks
+from scipion_gsplat.core import distributed, io, masks
 from scipion_gsplat.core.io import InputError
 from scipion_gsplat.core.particle_spectra import load_spectra
 from scipion_gsplat.core.spectra_store import SpectraWorkspace
@@ -186,8 +193,8 @@ def _heldout_choice(args, data, consensus, starts, final, pool, summary) -> str:
         scores[name] = heldout.heldout_loglik([data, data], indep, sigma2)[0]
         summary[f"heldout_loglik_{name}"] = scores[name]
     best = max(scores, key=scores.get)
-    print("gsplat_refine_classes: held-out log likelihood " +
-          ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) + f": keeping the {best} split", flush=True)
+    _print("gsplat_refine_classes: held-out log likelihood " +
+           ", ".join(f"{k} {v:.1f}" for k, v in scores.items()) + f": keeping the {best} split", flush=True)
     return best
 
 
@@ -210,13 +217,19 @@ def _reproducible_choice(args, data, starts, final, pool, mask, summary) -> str:
         scores[name] = heldout.difference_agreement(data, indep, mask, args.lowpass, progress=_log)
         summary[f"difference_agreement_{name}"] = scores[name]
     best = max(scores, key=scores.get)
-    print("gsplat_refine_classes: half-set agreement of the class-difference maps " +
-          ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f": keeping the {best} split", flush=True)
+    _print("gsplat_refine_classes: half-set agreement of the class-difference maps " +
+           ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f": keeping the {best} split", flush=True)
     return best
 
 
+def _print(*args, **kwargs) -> None:
+    """print on rank 0 only (every rank runs the same steps)."""
+    if distributed.current().is_main:
+        print(*args, **kwargs)
+
+
 def _log(msg: str) -> None:
-    print("  " + msg, flush=True)
+    _print("  " + msg, flush=True)
 
 
 def main(args) -> None:
@@ -226,10 +239,15 @@ def main(args) -> None:
 
 def _main(args, workspace: SpectraWorkspace) -> None:
     device = setup_runtime(args)
+    world = distributed.init(device)
+    device = distributed.rank_device(device, world)
     t0 = time.time()
     star, reader = read_posed_particles(args)
     if len(star) < 2:  # the two-class mixture needs two particles (measured: 2 run, 1 fails)
         raise InputError(f"{args.input}: {len(star)} particle; a two-class split needs at least 2")
+    if len(star) < world.size:
+        raise InputError(f"{args.input}: {len(star)} particles for {world.size} ranks; start fewer ranks")
+    mine = world.shard(len(star))  # this rank's particles (rank 0 gathers the results)
     init = args.init
     has_column = "rlnClassNumber" in star.particles
     if init == "auto":
@@ -245,17 +263,20 @@ def _main(args, workspace: SpectraWorkspace) -> None:
     search = _search(args, pix)
     # copies held at once: the data, plus a pose-refined spectra copy (8 of the 12 bytes per pixel),
     # plus one per class with per-class poses
+    ranks = f", {world.size} ranks" if world.size > 1 else ""
+    _print(f"gsplat_refine_classes: {len(star)} particles, working box {work} px, device {device}{ranks}",
+           flush=True)
     workspace.parent = scratch_parent(args, reader)
     copies = 1.0 + (8 / 12 if search is not None else 0.0) + (
         16 / 12 if search is not None and args.pose_iterations > 0 else 0.0)
     log = _log
-    data = load_spectra(star, reader, work, device, progress=Progress("reading particles"),
-                        workspace=workspace, copies=copies, log=log)
+    data = load_spectra(star, reader, work, device, progress=Progress("reading particles") if world.is_main else None,
+                        workspace=workspace, copies=copies, log=log, world=world)
     consensus_shift = np.zeros((len(data), 2))
     summary = {"working_box": work, "working_pixel_A": data.pixel_size_A}
     if search is not None:
-        print(f"gsplat_refine_classes: refining poses against the consensus map (σ {args.sigma_ang}°, "
-              f"{args.sigma_shift} px)", flush=True)
+        _print(f"gsplat_refine_classes: refining poses against the consensus map (σ {args.sigma_ang}°, "
+               f"{args.sigma_shift} px)", flush=True)
         data, consensus, consensus_shift = refine.refine_consensus_poses(data, search, args.consensus_rounds,
                                                                          progress=log)
         summary["consensus_pose_seconds"] = time.time() - t0
@@ -265,7 +286,7 @@ def _main(args, workspace: SpectraWorkspace) -> None:
     mask = _mask(args, consensus, box, pix, work, data.pixel_size_A)
     starts = {}
     if init in ("column", "both"):
-        starts["column"] = np.eye(2)[col - 1]
+        starts["column"] = np.eye(2)[col[mine] - 1]
     pool = None
     if init in ("pooled", "both"):
         pool = pooled.pooled_split(data, consensus, mask, args.lowpass, args.eigen_iterations,
@@ -273,13 +294,13 @@ def _main(args, workspace: SpectraWorkspace) -> None:
         starts["pooled"] = pool.probabilities
         summary.update(pooled_half_agreement=pool.half_agreement, pooled_bimodality=pool.bimodality,
                        pooled_eigenvalue=pool.eigenvalue)
-        print(f"gsplat_refine_classes: eigenvolume half-set agreement {pool.half_agreement:.3f}, "
-              f"bimodality {pool.bimodality:.2f}, classes {np.bincount(pool.classes, minlength=3)[1:].tolist()}",
-              flush=True)
+        sizes = data.sum_over_ranks(np.bincount(pool.classes, minlength=3)[1:])
+        _print(f"gsplat_refine_classes: eigenvolume half-set agreement {pool.half_agreement:.3f}, "
+               f"bimodality {pool.bimodality:.2f}, classes {[int(k) for k in sizes]}", flush=True)
     results = {}
     for name, q0 in starts.items():
         if args.iterations > 0 and (name == "column" or args.refine_pooled):
-            print(f"gsplat_refine_classes: refining from the {name} split", flush=True)
+            _print(f"gsplat_refine_classes: refining from the {name} split", flush=True)
             results[name] = refine.refine_two_classes(data, q0, args.iterations, not args.hard, args.max_res,
                                                       consensus, cross=args.cross, fudge=args.tau2_fudge,
                                                       search=search if args.pose_iterations > 0 else None,
@@ -298,7 +319,8 @@ def _main(args, workspace: SpectraWorkspace) -> None:
         else:
             best = _heldout_choice(args, data, consensus, starts, final, pool, summary)
         a, b = (final[k][1] for k in ("column", "pooled"))
-        summary["agreement_between_starts"] = float(max((a == b).mean(), (a != b).mean()))
+        same = data.sum_over_ranks((a == b).sum()) / len(star)
+        summary["agreement_between_starts"] = float(max(same, 1.0 - same))
     else:
         best = next(iter(final))
     prob, classes, maps = final[best]
@@ -319,6 +341,11 @@ def _main(args, workspace: SpectraWorkspace) -> None:
             shift = consensus_shift + r.origin_shift_A[cls_idx, np.arange(len(data))]
         else:
             mats, shift = data.poses, consensus_shift
+        mats, shift = data.gather_rows(mats)[0], data.gather_rows(shift)[0]
+    prob, classes = data.gather_rows(prob)[0], data.gather_rows(classes)[0]  # all rows, input order
+    if not world.is_main:  # rank 0 writes the outputs
+        return
+    if search is not None:
         pose_cols = pose_columns(star, mats, star.shifts_A() + shift)
         summary["median_angle_change_deg"] = float(np.median(pose_cols["rlnGsplatAngleChange"]))
     if (classes == 1).sum() < (classes == 2).sum():  # class 1 = the larger class
@@ -346,7 +373,7 @@ def _main(args, workspace: SpectraWorkspace) -> None:
           f"(from the {summary['started_from']} split), {time.time() - t0:.1f} s", flush=True)
 
 
-run = console_entry("gsplat_refine_classes", DESCRIPTION, add_args, main, files=program_files)
+run = console_entry("gsplat_refine_classes", DESCRIPTION, add_args, main, files=program_files, ranks=True)
 
 if __name__ == "__main__":
     run()

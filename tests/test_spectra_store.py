@@ -161,3 +161,86 @@ def test_program_budget_and_scratch_errors_are_one_line(sim_pair, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds input files" in err[0]
     assert not [f for f in os.listdir(sim_pair) if f.startswith(".gsplat_cache")]
+
+
+_MAKE_SCRATCH = """
+import sys, time
+from scipion_gsplat.core.spectra_store import SpectraWorkspace
+ws = SpectraWorkspace(0, sys.argv[1])
+print(ws.folder, flush=True)
+time.sleep(600)
+"""
+
+
+def test_scratch_of_a_killed_run_is_removed_by_the_next_run(tmp_path):
+    """A run killed with SIGKILL cannot clean up; the next workspace made in
+    the same folder removes its scratch folder, and keeps a live run's."""
+    import signal
+    import subprocess
+    import sys
+    procs = [subprocess.Popen([sys.executable, "-c", _MAKE_SCRATCH, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    dead, alive = (p.stdout.readline().strip() for p in procs)
+    assert os.path.isdir(dead) and os.path.isdir(alive)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(timeout=30)
+    foreign = tmp_path / ".gsplat_cache_other_host"
+    foreign.mkdir()
+    (foreign / "owner").write_text("some-other-node 1 1\n")
+    told = []
+    try:
+        with SpectraWorkspace(0, str(tmp_path), log=told.append) as ws:
+            mine = ws.folder
+            assert not os.path.exists(dead)
+            assert os.path.isdir(alive) and os.path.isdir(foreign) and os.path.isdir(mine)
+            assert len(told) == 1 and dead in told[0] and "killed" in told[0]
+    finally:
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+    assert not os.path.exists(mine)
+
+
+def test_sigterm_ends_a_program_with_its_scratch_removed(sim_pair, tmp_path):
+    """scancel and queue time limits send SIGTERM: the program stops with exit
+    143 and its clean-up runs (no scratch folder, no particles.star)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    exe = os.path.join(os.path.dirname(sys.executable), "gsplat_refine_classes")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([exe, "-i", str(sim_pair / "particles.star"), "-o", str(out), "--init", "pooled",
+                             "--max-memory", "1M", "--resize", "24", "--eigen-iterations", "200"] + CPU,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.is_dir() and [f for f in os.listdir(out) if f.startswith(".gsplat_cache")]:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 143, proc.stdout.read()
+    assert not out.exists()  # scratch removed, then the folder the run made and left empty
+
+
+def test_the_memory_budget_is_shared_by_the_ranks_of_a_node(monkeypatch, tmp_path, capsys):
+    from scipion_gsplat.core import distributed
+    from scipion_gsplat.programs._cli import memory_workspace
+
+    class Args:
+        max_memory, scratch, output = "4G", None, str(tmp_path)
+    assert memory_workspace(Args()).max_bytes == 4 << 30
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks on this node
+    assert memory_workspace(Args()).max_bytes == 1 << 30
+    assert "shared by the 4 ranks of this node" in capsys.readouterr().out
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var)
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "5", "SLURM_STEP_ID": "0",
+             "SLURM_STEP_TASKS_PER_NODE": "2(x2),1"}  # srun: 2 + 2 + 1 tasks
+    assert distributed.local_size(dict(slurm, SLURM_NODEID="1")) == 2
+    assert distributed.local_size(dict(slurm, SLURM_NODEID="2")) == 1
+    assert distributed.local_size({}) == 1

@@ -56,6 +56,41 @@ def detect(env: Mapping[str, str] = os.environ) -> tuple:
     return 0, 1, 0, None
 
 
+def _slurm_tasks_on_node(spec: str, node: int) -> Optional[int]:
+    """Tasks of node ``node`` in a Slurm ``SLURM_STEP_TASKS_PER_NODE`` value
+    such as ``2(x3),1`` (two tasks on each of three nodes, then one)."""
+    pos = 0
+    for part in spec.split(","):
+        count, _, rep = part.partition("(x")
+        try:
+            count_i, reps = int(count), int(rep.rstrip(")")) if rep else 1
+        except ValueError:
+            return None
+        if node < pos + reps:
+            return count_i
+        pos += reps
+    return None
+
+
+def local_size(env: Mapping[str, str] = os.environ) -> int:
+    """How many ranks run on this node (1 for a plain process): torchrun's
+    ``LOCAL_WORLD_SIZE``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``, MPICH's
+    ``MPI_LOCALNRANKS``, or this node's share of an srun step. Used to split a
+    node's memory budget between its ranks."""
+    launcher = detect(env)[3]
+    if launcher is None:
+        return 1
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if env.get(var, "").isdigit():
+            return max(1, int(env[var]))
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if launcher == "SLURM_PROCID" and spec and env.get("SLURM_NODEID", "").isdigit():
+        n = _slurm_tasks_on_node(spec, int(env["SLURM_NODEID"]))
+        if n:
+            return n
+    return detect(env)[1]  # unknown layout: assume all on one node (the safe side)
+
+
 def _slurm_master(env: Mapping[str, str]) -> Optional[str]:
     """Address of the first node of the Slurm step (its NodeAddr, which also works
     for virtual nodes that share one host)."""

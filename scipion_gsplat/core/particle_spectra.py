@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .ctf import ctf_2d
+from .distributed import World
 from .fourier import as_tensor, extract_spectra, image_rfft, shift_phase, volume_rfft
 from .io import ImageReader, InputError, ParticleStar
 from .spectra_store import DiskArray, SpectraWorkspace, format_bytes, take_rows
@@ -75,13 +76,13 @@ def fourier_crop_map(volume: np.ndarray, new_box: int) -> np.ndarray:
 
 
 def centred_spectra_chunks(star: ParticleStar, reader: ImageReader, new_box: int, device="cpu",
-                           chunk: int = 512, with_ctf: bool = True):
-    """Yield ``(rows, spectra, ctf)`` per chunk: origin-corrected rffts cropped to
-    ``new_box`` (``(B, m, m//2+1)`` complex) and the CTF on the same grid (or None)."""
+                           chunk: int = 512, with_ctf: bool = True, rows: Optional[np.ndarray] = None):
+    """Yield ``(rows, spectra, ctf)`` per chunk of ``rows`` (default all): origin-corrected
+    rffts cropped to ``new_box`` (``(B, m, m//2+1)`` complex) and the CTF on the same grid (or None)."""
     box, pix = star.box_size, star.pixel_size
     shifts = star.shifts_A()
     params = star.ctf_params() if (with_ctf and star.has_ctf) else None
-    for rows, imgs in reader.chunks(chunk):
+    for rows, imgs in reader.chunks(chunk, rows):
         spec = image_rfft(torch.from_numpy(imgs).to(device))
         spec = spec * shift_phase(as_tensor(shifts[rows], device), box, pix)  # move by +origin
         spec = fourier_crop(spec, box, new_box)
@@ -106,6 +107,12 @@ class ParticleSpectra:
         spare_bytes: RAM the methods may still take for more per-particle
             working arrays (the eigenvolume's whitened residuals); beyond it
             they compute them chunk by chunk. ``inf``: no limit.
+        world: the ranks among which the particles are split
+            (:class:`.distributed.World`): this process holds its shard only,
+            and every sum over particles (:meth:`sum_over_ranks`, the
+            reconstructions' accumulators) is added over the ranks, which
+            must then all call the same methods in the same order. None: every
+            particle is here.
     """
     spectra: Union[torch.Tensor, DiskArray]
     ctf: Union[torch.Tensor, DiskArray]
@@ -114,9 +121,43 @@ class ParticleSpectra:
     box: int
     pixel_size_A: float
     spare_bytes: float = float("inf")
+    world: Optional[World] = None
 
     def __len__(self) -> int:
         return self.spectra.shape[0]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the particles are split among several ranks."""
+        return self.world is not None and self.world.size > 1
+
+    def count(self) -> int:
+        """Number of particles over all ranks (``len`` counts this shard)."""
+        return self.world.sum_int(len(self)) if self.sharded else len(self)
+
+    def sum_over_ranks(self, values):
+        """``values`` (a number or numpy array) summed over the ranks, as float64
+        (unchanged with one process)."""
+        if not self.sharded:
+            return values
+        arr = np.asarray(values, np.float64)
+        t = torch.from_numpy(arr.reshape(-1).copy())
+        if self.world.backend == "nccl":
+            t = t.cuda()
+        self.world.all_reduce_(t)
+        out = t.cpu().numpy().reshape(arr.shape)
+        return out if arr.ndim else float(out)
+
+    def gather_rows(self, array: np.ndarray) -> tuple[np.ndarray, slice]:
+        """Every rank's rows of ``array`` (rows = this shard's particles)
+        concatenated in the rank order (the order of the input rows), and the
+        slice of this rank's rows in it."""
+        array = np.asarray(array)
+        if not self.sharded:
+            return array, slice(0, len(array))
+        sizes = self.world.gather_rows(np.array([len(array)]))
+        start = int(sizes[:self.world.rank].sum())
+        return self.world.gather_rows(array), slice(start, start + len(array))
 
     @property
     def device(self):
@@ -133,7 +174,7 @@ class ParticleSpectra:
         rows = np.asarray(rows)
         return ParticleSpectra(take_rows(self.spectra, rows), take_rows(self.ctf, rows), self.poses[rows],
                                self.half[rows] if half is None else np.asarray(half), self.box,
-                               self.pixel_size_A, self.spare_bytes)
+                               self.pixel_size_A, self.spare_bytes, self.world)
 
     def shells(self) -> torch.Tensor:
         """Shell index (rounded radius in Fourier pixels) of the 2D rfft grid ``(m, m//2+1)``."""
@@ -165,7 +206,8 @@ def spectra_bytes(n: int, box: int) -> int:
 def load_spectra(star: ParticleStar, reader: ImageReader, new_box: int, device="cpu",
                  progress: Optional[Callable[[int, int], None]] = None,
                  workspace: Optional[SpectraWorkspace] = None, copies: float = 1.0,
-                 log: Optional[Callable[[str], None]] = None) -> ParticleSpectra:
+                 log: Optional[Callable[[str], None]] = None,
+                 world: Optional[World] = None) -> ParticleSpectra:
     """Read every particle once into a :class:`ParticleSpectra` (box ``new_box``).
 
     Args:
@@ -175,8 +217,12 @@ def load_spectra(star: ParticleStar, reader: ImageReader, new_box: int, device="
         copies: how many copies of the arrays the caller's method holds at
             once (e.g. 2 with pose refinement, which refines a copy).
         log: told where the arrays went (one line).
+        world: several ranks: read only this rank's shard of the rows
+            (:meth:`.distributed.World.shard`; the budget is per rank) and
+            mark the result as split among them (``ParticleSpectra.world``).
     """
-    n, h = len(star), new_box // 2 + 1
+    mine = np.arange(len(star)) if world is None else world.shard(len(star))
+    n, h = len(mine), new_box // 2 + 1
     need = spectra_bytes(n, new_box)
     in_ram = workspace is None or workspace.fits(need * copies)
     if workspace is None:
@@ -190,17 +236,19 @@ def load_spectra(star: ParticleStar, reader: ImageReader, new_box: int, device="
         where = "in memory" if in_ram else f"in the scratch folder {workspace.folder}"
         log(f"particle spectra and CTFs: {n} × {new_box}² px, {format_bytes(need)} "
             f"(× {copies:g} copies; budget {format_bytes(workspace.max_bytes)}): {where}")
-    for rows, spec, c in centred_spectra_chunks(star, reader, new_box, device):
-        idx = torch.as_tensor(rows, device=device)
+    done = 0
+    for rows, spec, c in centred_spectra_chunks(star, reader, new_box, device, rows=mine):
+        idx = torch.arange(done, done + len(rows), device=device)  # positions in this shard
         spectra[idx] = spec.to(torch.complex64)
         if c is not None:
             ctf[idx] = c
+        done += len(rows)
         if progress:
-            progress(int(rows[-1]) + 1, n)
+            progress(done, n)
     spare = float("inf") if workspace is None else (
         max(0.0, workspace.max_bytes - need * copies) if in_ram else 0.0)
-    return ParticleSpectra(spectra, ctf, star.poses(), star.half_set(), new_box,
-                           star.pixel_size * star.box_size / new_box, spare)
+    return ParticleSpectra(spectra, ctf, star.poses()[mine], star.half_set()[mine], new_box,
+                           star.pixel_size * star.box_size / new_box, spare, world)
 
 
 class PassProgress:
@@ -236,7 +284,7 @@ def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 51
                    progress: Optional[Callable[[str], None]] = None) -> np.ndarray:
     """Image noise power per shell ``σ²(s)`` (``(box//2+1,)``, float64) from the
     residuals ``X − CTF·P·consensus`` of every particle (consensus: ``[z, y, x]``
-    map at ``data.box``)."""
+    map at ``data.box``; every rank's particles when ``data`` is sharded)."""
     shells = data.shells()
     n_shells = data.box // 2 + 1
     total = torch.zeros(n_shells, dtype=torch.float64, device=data.device)
@@ -247,5 +295,5 @@ def noise_spectrum(data: ParticleSpectra, consensus: np.ndarray, batch: int = 51
         res = data.spectra[idx] - data.ctf[idx] * proj
         total += shell_mean((res.abs() ** 2).double(), shells, n_shells) * len(r)
         ticker.tick(int(r[-1]) + 1)
-    sigma2 = (total / len(rows)).cpu().numpy()
+    sigma2 = data.sum_over_ranks(total.cpu().numpy()) / max(data.count(), 1)
     return np.maximum(sigma2, 1e-12 * max(sigma2.max(), 1e-30))

@@ -312,10 +312,11 @@ class SpectraWorkspace:
         force_disk: put every array on disk whatever its size (tests).
     """
 
-    def __init__(self, max_bytes: int, parent: str, force_disk: bool = False):
+    def __init__(self, max_bytes: int, parent: str, force_disk: bool = False, log=None):
         self.max_bytes = int(max_bytes)
         self.parent = parent
         self.force_disk = force_disk
+        self.log = log  # (str) -> None: told about scratch folders of killed runs that were removed
         self._folder: Optional[str] = None
 
     def fits(self, nbytes: float) -> bool:
@@ -327,7 +328,12 @@ class SpectraWorkspace:
         """The scratch folder (created on first use: ``<parent>/.gsplat_cache_XXXX``)."""
         if self._folder is None:
             os.makedirs(self.parent, exist_ok=True)
-            self._folder = tempfile.mkdtemp(prefix=".gsplat_cache_", dir=self.parent)
+            for stale in remove_stale_scratch(self.parent):
+                if self.log:
+                    self.log(f"removed {stale}: the scratch folder of a run that was killed")
+            self._folder = tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=self.parent)
+            with open(os.path.join(self._folder, OWNER_FILE), "w") as fh:
+                fh.write(_owner_stamp(os.getpid()))
         return self._folder
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype, device="cpu", in_memory: bool = True,
@@ -349,3 +355,50 @@ class SpectraWorkspace:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+SCRATCH_PREFIX = ".gsplat_cache_"
+#: in every scratch folder: ``host pid start-time`` of the process that made it
+OWNER_FILE = "owner"
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The start time of process ``pid`` (clock ticks since boot, from
+    ``/proc``), or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_stamp(pid: int) -> str:
+    import socket
+    return f"{socket.gethostname()} {pid} {_process_start(pid)}\n"
+
+
+def remove_stale_scratch(parent: str) -> list:
+    """Remove the scratch folders in ``parent`` whose run has died (killed with
+    SIGKILL, out of memory, a node reboot): those made on this host by a process
+    that no longer exists (or whose pid now belongs to another process).
+    Folders of live runs, of other hosts (a shared disk) and without an owner
+    stamp are left alone. Returns the removed paths."""
+    import socket
+    host, removed = socket.gethostname(), []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(SCRATCH_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        folder = os.path.join(parent, name)
+        try:
+            with open(os.path.join(folder, OWNER_FILE)) as fh:
+                owner_host, pid, start = fh.read().split()
+        except (OSError, ValueError):
+            continue
+        if owner_host != host or not pid.isdigit():
+            continue
+        if _process_start(int(pid)) != start:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

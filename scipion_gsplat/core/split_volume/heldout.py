@@ -71,30 +71,35 @@ def heldout_loglik(class_data: Sequence[ParticleSpectra], prob: np.ndarray, sigm
             errs[k][h] = shell_power(hm[h]) * f * (1 - f)
     per = np.zeros(n)
     for h, rows in enumerate(halves):
-        train = halves[1 - h]
-        prior = np.clip(prob[train].mean(0), 1e-3, 1.0)
+        train = halves[1 - h]  # the class fractions of half h over every rank's particles
+        prior = np.clip(d0.sum_over_ranks(prob[train].sum(0)) / max(d0.sum_over_ranks(len(train)), 1), 1e-3, 1.0)
         ll = np.zeros((len(rows), 2))
         for k in range(2):
             ll[:, k] = class_loglik(class_data[k], rows, [filt[k][1 - h]], [errs[k][1 - h]], sigma2,
                                     max_shell)[0][:, 0]
         per[rows] = logsumexp(ll + np.log(prior)[None], axis=1)
-    return float(per.sum()), per
+    return float(d0.sum_over_ranks(per.sum())), per
 
 
 def independent_refinement(data: ParticleSpectra, init_prob: np.ndarray, **options) -> np.ndarray:
     """Two-class refinement run on each half set alone (its own sub-halves for
     the FSC), started from ``init_prob``; ``options`` go to
     :func:`.refine.refine_two_classes`. Returns ``(N, 2)`` probabilities in the
-    class order of ``init_prob``."""
+    class order of ``init_prob``. Sharded ``data``: every rank refines its
+    particles of each half together with the other ranks' (sub-halves by the
+    position in the half set over all ranks, as with one process)."""
     init_prob = np.asarray(init_prob, float)
     out = np.array(init_prob, copy=True)
     for h in (1, 2):
         rows = np.flatnonzero(data.half == h)
-        if len(rows) < 4:
+        sizes, mine = data.gather_rows(np.array([len(rows)]))
+        if sizes.sum() < 4:
             continue
-        sub = data.subset(rows, half=(np.arange(len(rows)) % 2) + 1)  # a view when on disk
+        first = int(sizes[:mine.start].sum())  # position of this rank's first row in half h
+        sub = data.subset(rows, half=((first + np.arange(len(rows))) % 2) + 1)  # a view when on disk
         q = refine_two_classes(sub, init_prob[rows], **options).probabilities
-        if (np.argmax(q, 1) == np.argmax(init_prob[rows], 1)).mean() < 0.5:
+        kept = data.sum_over_ranks((np.argmax(q, 1) == np.argmax(init_prob[rows], 1)).sum())
+        if kept < 0.5 * sizes.sum():
             q = q[:, ::-1]
         out[rows] = q
     return out

@@ -20,6 +20,12 @@ makes everything drift into one class):
 
 Assignments are soft (posteriors) or hard.
 
+**Several ranks**: with particles split among ranks (``ParticleSpectra.world``)
+each rank scores and aligns its own particles; the reconstruction accumulators,
+the noise spectrum, the class priors, the total log likelihood and the changed
+fraction are summed over ranks, so every rank solves the same maps and stops at
+the same iteration. Per-particle results (probabilities, poses) stay per rank.
+
 **Per-class poses** (``search``, RELION-like): every class holds its own copy
 of the particles' poses (and origin corrections). In each E-step every class
 map aligns all particles locally (:func:`..poses.local_search.refine_poses`,
@@ -75,6 +81,7 @@ def _reconstruct(data: ParticleSpectra, rows: np.ndarray, weights: np.ndarray,
         idx = torch.as_tensor(r, device=data.device)
         acc.insert_spectra(data.spectra[idx], data.poses[r], data.ctf[idx], weights=weights[s:s + chunk])
         ticker.tick(s + len(r))
+    acc.all_reduce(data.world)  # sharded particles: every rank's insertions
     return acc.solve(), acc
 
 
@@ -225,6 +232,7 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
             — the search's log evidence (marginalised over the local poses).
     """
     n = len(data)
+    n_all = data.count()  # every rank's particles (= n with one process)
     q = np.asarray(init_prob, float).copy()
     halves = [np.flatnonzero(data.half == h) for h in (1, 2)]
     nyq = data.box // 2
@@ -253,7 +261,7 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
                 apply_update(cdata[k], upd)
                 shifts[k][upd.rows] += upd.delta_origin_A
                 evidence[upd.rows, k] = upd.log_evidence
-        prior = np.clip(q.mean(0), 1e-3, 1.0)
+        prior = np.clip(data.sum_over_ranks(q.sum(0)) / n_all, 1e-3, 1.0)
         noise = np.zeros((n, 2, len(sigma2)))
         # one map-error spectrum for both classes: per-class estimates from
         # noisy FSCs bias every particle's likelihood ratio the same way
@@ -272,21 +280,23 @@ def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int
         if evidence is not None and pose_score == "evidence":
             loglik[:] = evidence
         logpost = loglik + np.log(prior)[None, :]
-        total = float(logsumexp(logpost, axis=1).sum())
+        total = data.sum_over_ranks(float(logsumexp(logpost, axis=1).sum()))
         q = softmax(logpost, axis=1)
         # σ² from the residuals against the particles' own classes (the
         # consensus residuals also hold the class difference, which would
         # make the noise look larger exactly where the classes differ)
-        sigma2 = np.maximum(np.einsum("pk,pks->s", q, noise) / n, 0.1 * sigma2)
+        sigma2 = np.maximum(data.sum_over_ranks(np.einsum("pk,pks->s", q, noise)) / n_all, 0.1 * sigma2)
         new_classes = np.argmax(q, 1)
-        changed = float((new_classes != classes).mean())
+        # over all ranks (every rank then takes the same branch below)
+        n_changed, n_first = data.sum_over_ranks(np.array([(new_classes != classes).sum(), (new_classes == 0).sum()]))
+        changed = float(n_changed / n_all)
         classes = new_classes
-        history.append({"iteration": it + 1, "changed": changed, "fraction_1": float((classes == 0).mean()),
+        history.append({"iteration": it + 1, "changed": changed, "fraction_1": float(n_first / n_all),
                         "total_loglik": total,
                         "fsc_auc": [float(np.mean(f[1:])) for f in fscs]})
         if progress:
             progress(f"iteration {it + 1}: {changed:.2%} changed, class sizes "
-                     f"{int((classes == 0).sum())}/{int((classes == 1).sum())}")
+                     f"{int(round(n_first))}/{int(round(n_all - n_first))}")
         if changed < tol and it > 0 and (search is None or it + 1 >= min(pose_iterations, 3)):
             break
     w = q if soft else np.eye(2)[classes]
