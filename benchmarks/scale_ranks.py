@@ -3,13 +3,15 @@
 Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
 
 1. Ranks: a simulated set (``--n`` particles at ``--box`` px) is processed by
-   ``gsplat_reconstruct_fourier``, ``gsplat_reconstruct_splat`` and
-   ``gsplat_gmm_heterogeneity`` once as one process and once as two ranks
+   ``gsplat_reconstruct_fourier``, ``gsplat_reconstruct_splat``,
+   ``gsplat_gmm_heterogeneity`` and ``gsplat_refine_classes`` (the pooled split
+   refined, default pose search) once as one process and once as two ranks
    (``torchrun --nproc-per-node 2``, or ``srun -N2 -n2`` with ``--srun`` on a
    Slurm queue), each rank with ``--threads 1``: wall time, speedup, peak RSS
    (all processes together) and particles per second per core. The outputs of
    the two runs are compared (largest difference of the maps relative to the
-   largest voxel).
+   largest voxel; for the class refinement also the particles classified
+   differently and the largest probability difference).
 2. Throughput at a large box: ``--n-large`` particles at ``--box-large`` px
    (default 2,000 at 256 px) reconstructed by ``gsplat_reconstruct_fourier
    --threads 1`` and by ``relion_reconstruct --ctf`` (one thread, RELION 3.1 has
@@ -50,9 +52,13 @@ PROGRAMS = {
     "gmm_heterogeneity": lambda star, out: [BIN / "gsplat_gmm_heterogeneity", "-i", star, "-o", out,
                                             "--n-gaussians", "1000", "--consensus-epochs", "1", "--motions", "2",
                                             "--rounds", "1", "--frames", "3", "--classes", "2"],
+    # the pooled split (consensus pose search, eigenvolumes) refined with two free class maps
+    "refine_classes": lambda star, out: [BIN / "gsplat_refine_classes", "-i", star, "-o", out, "--init", "pooled",
+                                         "--refine-pooled", "--iterations", "3"],
 }
 #: the map each program writes (compared between 1 and 2 ranks)
-MAPS = {"reconstruct_fourier": "map.mrc", "reconstruct_splat": "map.mrc", "gmm_heterogeneity": "consensus.mrc"}
+MAPS = {"reconstruct_fourier": "map.mrc", "reconstruct_splat": "map.mrc", "gmm_heterogeneity": "consensus.mrc",
+        "refine_classes": "class1.mrc"}
 
 
 def simulate(n: int, box: int, out: Path, angpix: float, hinge: bool) -> None:
@@ -89,7 +95,21 @@ def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list) -> l
                      "rss_1_gb": runs[1]["peak_rss_bytes"] / 2 ** 30, "rss_2_gb": runs[2]["peak_rss_bytes"] / 2 ** 30,
                      "per_s_per_core_1": n / runs[1]["wall_s"], "per_s_per_core_2": n / runs[2]["wall_s"] / 2,
                      "map_difference": float(np.abs(a - b).max() / np.abs(a).max())})
+        rows[-1].update(_class_differences(work / f"{name}_1", work / f"{name}_2"))
     return rows
+
+
+def _class_differences(one: Path, two: Path) -> dict:
+    """Particles classified differently and the largest probability difference
+    between the runs' particles.star (empty without class columns)."""
+    if not (one / "particles.star").exists():
+        return {}
+    p1, p2 = (io.read_particles(str(d / "particles.star")).particles for d in (one, two))
+    if "rlnClassNumber" not in p1 or "rlnGsplatClassProbability" not in p1:
+        return {}
+    return {"classes_differ": int((p1["rlnClassNumber"].to_numpy() != p2["rlnClassNumber"].to_numpy()).sum()),
+            "probability_difference": float(np.abs(p1["rlnGsplatClassProbability"].to_numpy(float)
+                                                   - p2["rlnGsplatClassProbability"].to_numpy(float)).max())}
 
 
 def throughput(star: Path, n: int, box: int, work: Path) -> dict:
@@ -123,6 +143,10 @@ def write(out_dir: Path, rows: list, thr: dict, note: str) -> None:
                      f"{thr['ours_per_s']:.1f} particles/s ({thr['ours_s']:.1f} s)" +
                      (f", relion_reconstruct {thr['relion_per_s']:.1f} particles/s ({thr['relion_s']:.1f} s), "
                       f"ratio {thr['ratio']:.2f}" if "relion_s" in thr else ", relion_reconstruct not found"))
+    for r in rows:
+        if "classes_differ" in r:
+            lines.append(f"{r['program']}: {r['classes_differ']} particles classified differently, largest "
+                         f"probability difference {r['probability_difference']:.1e}")
     lines.append(note)
     (out_dir / "ranks.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -160,3 +160,82 @@ def test_a_runs_programs_keep_to_its_threads(project):
     assert all(kw["env"][v] == "3" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"))
     prot.runProgram("reconstruct_fourier", ["-i", "particles.star"])
     assert calls[-1][2]["numberOfMpi"] == 1
+
+
+def _column_start(sim_pair, path):
+    """sim_pair with an rlnClassNumber start: the true classes, 30 % redrawn at random."""
+    from scipion_gsplat.core.split_volume import files
+    star = io.read_particles(sim_pair / "particles.star")
+    truth = np.load(sim_pair / "ground_truth.npz")["labels"]
+    rng = np.random.default_rng(0)
+    start = np.where(rng.random(len(truth)) < 0.3, rng.integers(1, 3, len(truth)), truth)
+    files.write_classified_particles(path, star, start, np.zeros(len(star)), np.ones(len(star)))
+    return path
+
+
+def _compare_class_refinements(one, two, maps):
+    """Classes identical; probabilities within 1e-4 (written to 6 decimals), the
+    refined angles within 0.01° and the maps within 1e-5 of their largest voxel
+    (measured on sim_pair: 7e-6, 9e-4° and 9e-7; the sums over particles are
+    added in another order)."""
+    p1, p2 = (io.read_particles(str(d / "particles.star")).particles for d in (one, two))
+    assert np.array_equal(p1["rlnClassNumber"].to_numpy(), p2["rlnClassNumber"].to_numpy())
+    assert np.abs(p1["rlnGsplatClassProbability"].to_numpy() - p2["rlnGsplatClassProbability"].to_numpy()).max() <= 1e-4
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        assert np.abs(p1[col].to_numpy() - p2[col].to_numpy()).max() < 1e-2, col
+    for name in maps:
+        a, b = _map(one / name), _map(two / name)
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
+
+
+def test_class_refinement_over_two_slurm_nodes(slurm_queue, sim_pair, tmp_path):
+    """gsplat_refine_classes --init both with the default local pose search:
+    each rank reads half the particles, the maps, eigenvolumes, noise spectra and
+    class fractions are summed over ranks, rank 0 writes the one-process result."""
+    from scipion_gsplat.programs import refine_classes
+    common = ["-i", str(_column_start(sim_pair, tmp_path / "start.star")), "--init", "both", "--iterations", "3",
+              "--eigen-iterations", "5", "--resize", "24", "--threads", "1", "--device", "cpu"]
+    assert refine_classes.run(common + ["-o", str(tmp_path / "one")]) == 0
+    two = subprocess.run(["srun", "-N2", "-n2", str(BIN / "gsplat_refine_classes"), *common,
+                          "-o", str(tmp_path / "two")], env=slurm_queue, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 ranks" in two.stdout and "600 × 24² px" in two.stdout  # each rank holds its half
+    assert two.stdout.count("keeping the") == 1  # rank 0 prints
+    _compare_class_refinements(tmp_path / "one", tmp_path / "two", ("class1.mrc", "class2.mrc", "eigenvolume.mrc"))
+    s1, s2 = (io.read_star_table(str(d / "summary.star"), "summary") for d in (tmp_path / "one", tmp_path / "two"))
+    assert s1["rlnGsplatStartedFrom"].iloc[0] == s2["rlnGsplatStartedFrom"].iloc[0]
+    for col in ("rlnGsplatPooledHalfAgreement", "rlnGsplatDifferenceAgreementColumn",
+                "rlnGsplatDifferenceAgreementPooled", "rlnGsplatAgreementBetweenStarts"):
+        assert abs(float(s1[col].iloc[0]) - float(s2[col].iloc[0])) < 1e-4, col
+
+
+def test_class_refinement_from_scratch_files_under_torchrun(sim_pair, tmp_path):
+    """Two ranks with a memory budget far below the data: each keeps its share in
+    its own scratch file (removed at the end); the in-memory one-process result."""
+    from scipion_gsplat.programs import refine_classes
+    common = ["-i", str(sim_pair / "particles.star"), "--init", "pooled", "--refine-pooled", "--iterations", "2",
+              "--eigen-iterations", "4", "--resize", "24", "--threads", "1", "--device", "cpu"]
+    assert refine_classes.run(common + ["-o", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29613",
+           str(BIN / "gsplat_refine_classes"), *common, "-o", str(tmp_path / "two"), "--max-memory", "1M"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 ranks" in done.stdout and "600 × 24² px" in done.stdout
+    assert f"in the scratch folder {os.path.realpath(tmp_path / 'two')}" in done.stdout
+    _compare_class_refinements(tmp_path / "one", tmp_path / "two", ("class1.mrc", "class2.mrc", "eigenvolume.mrc"))
+    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith(".gsplat_cache")]
+
+
+def test_split_volume_runs_its_3d_refinement_as_ranks(project):
+    """The split-volume protocol's MPI field goes to gsplat_refine_classes only
+    (the 2D classification and the graph cut run as one process)."""
+    from scipion_gsplat.protocols import ProtGsplatSplitVolume
+    from scipion_gsplat.protocols.protocol_split_volume import MODE_BOTH
+    prot = project.newProtocol(ProtGsplatSplitVolume, numberOfMpi=2, numberOfThreads=1, mode=MODE_BOTH)
+    calls = []
+    prot.runJob = lambda program, arguments, **kw: calls.append((os.path.basename(program), kw["numberOfMpi"]))
+    prot._runMode("particles.star", "work")
+    assert calls == [("gsplat_aligned_2d_classification", 1), ("gsplat_graph_max_cut", 1),
+                     ("gsplat_refine_classes", 2)]

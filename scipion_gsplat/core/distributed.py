@@ -188,22 +188,32 @@ class World:
         """True on every rank when ``flag`` is true on any (e.g. a time limit)."""
         return self.sum_int(int(bool(flag))) > 0 if self.size > 1 else bool(flag)
 
-    def sum_gradients(self, tensors) -> None:
+    def sum_gradients(self, tensors, scalars=()) -> list:
         """Sum the ``.grad`` of ``tensors`` over ranks, in one flat all-reduce
-        (a missing gradient counts as zeros: every rank then holds the same)."""
+        (a missing gradient counts as zeros: every rank then holds the same).
+
+        ``scalars`` (numbers, e.g. the step's loss) travel in the same
+        all-reduce, so an optimiser step costs one round trip; returns their
+        sums (as floats; the plain values with one rank). The sum runs in
+        float64: with two ranks the float32 gradients come out exactly as a
+        float32 addition would give them."""
+        scalars = [float(s) for s in scalars]
         if self.size == 1:
-            return
+            return scalars
         tensors = [t for t in tensors if t.requires_grad]
         for t in tensors:
             if t.grad is None:
                 t.grad = torch.zeros_like(t)
-        flat = torch.cat([t.grad.reshape(-1) for t in tensors])
+        device = tensors[0].device if tensors else ("cuda" if self.backend == "nccl" else "cpu")
+        flat = torch.cat([t.grad.reshape(-1).double() for t in tensors]
+                         + [torch.tensor(scalars, dtype=torch.float64, device=device)])
         self.all_reduce_(flat)
         pos = 0
         for t in tensors:
             n = t.grad.numel()
             t.grad.copy_(flat[pos:pos + n].view_as(t.grad))
             pos += n
+        return flat[pos:].tolist()
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with rank ``src``'s (complex too); returns it.

@@ -128,29 +128,52 @@ def write_stack(path, images: np.ndarray, pixel_size_A: float) -> None:
 
 
 class StackWriter:
-    """Write a large MRC stack chunk by chunk (memory-mapped), renamed on close.
+    """Write a large MRC stack chunk by chunk, renamed on close.
 
     Use as a context manager; ``write(start, images)`` fills rows
-    ``start:start+len(images)``.
+    ``start:start+len(images)``. Rows go to the file with ``pwrite`` and the
+    header statistics (min, max, mean, RMS) are accumulated chunk by chunk, so
+    memory does not grow with the stack (a memory-mapped stack counts its
+    written pages in the process's memory, and a statistics pass over the
+    whole stack at the end made copies of it: 3.3 GB at 200,000 × 64 px).
     """
 
     def __init__(self, path, n_images: int, box: int, pixel_size_A: float):
         self._ctx = atomic_path(path)
         self._tmp = self._ctx.__enter__()
-        self._mrc = mrcfile.new_mmap(self._tmp, shape=(n_images, box, box), mrc_mode=2,
-                                     overwrite=True)
-        self._mrc.set_image_stack()
-        self._mrc.voxel_size = pixel_size_A
+        self._shape = (n_images, box, box)
+        with mrcfile.new_mmap(self._tmp, shape=self._shape, mrc_mode=2, overwrite=True) as mrc:
+            mrc.set_image_stack()
+            mrc.voxel_size = pixel_size_A
+            self._offset = mrc.header.nbytes + mrc.extended_header.nbytes
+        self._fd = os.open(self._tmp, os.O_WRONLY)
+        self._min, self._max, self._sum, self._sum2, self._count = np.inf, -np.inf, 0.0, 0.0, 0
 
     def write(self, start: int, images: np.ndarray) -> None:
-        self._mrc.data[start:start + len(images)] = images
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if images.shape[1:] != self._shape[1:] or start < 0 or start + len(images) > self._shape[0]:
+            raise ValueError(f"rows {start}:{start + len(images)} of shape {images.shape[1:]} do not fit "
+                             f"a stack of {self._shape}")
+        data, pos = images.tobytes(), self._offset + start * images[0].nbytes
+        while data:
+            done = os.pwrite(self._fd, data, pos)
+            data, pos = data[done:], pos + done
+        if images.size:
+            self._min, self._max = min(self._min, float(images.min())), max(self._max, float(images.max()))
+            self._sum += float(images.sum(dtype=np.float64))
+            self._sum2 += float(np.square(images, dtype=np.float64).sum())
+            self._count += images.size
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._mrc.update_header_stats()
-        self._mrc.close()
+        os.close(self._fd)
+        if exc_type is None and self._count:
+            mean = self._sum / self._count
+            with mrcfile.mmap(self._tmp, mode="r+") as mrc:  # header only: the data are not read
+                mrc.header.dmin, mrc.header.dmax, mrc.header.dmean = self._min, self._max, mean
+                mrc.header.rms = float(np.sqrt(max(self._sum2 / self._count - mean ** 2, 0.0)))
         self._ctx.__exit__(exc_type, exc, tb)
         return False
 

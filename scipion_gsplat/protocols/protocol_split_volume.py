@@ -29,7 +29,9 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
     two-class refinement with fixed poses, and/or the leading residual
     eigenvolume). More than two classes are made by splitting the largest class
     again while the split is supported (independent half sets find the same
-    eigenvolume). Each class is reconstructed with half maps.
+    eigenvolume). Each class is reconstructed with half maps. The 3D step runs
+    as the form's MPI processes (each holds a share of the particles; on a
+    Slurm queue, tasks on several nodes); the 2D and graph steps run as one.
     """
     _label = "split volume classification"
     _references = ["Lauzirika2024splitvolume"]
@@ -126,7 +128,7 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
                       help="Yes (default): each class map is also made from its two half sets, giving "
                            "half maps and an FSC curve per class (gold-standard resolution, as RELION "
                            "auto-refine and CryoSPARC report). No: one map per class, faster.")
-        self._defineComputeParams(form)
+        self._defineComputeParams(form, mpi=True)  # the 3D refinement splits its particles over MPI ranks
 
     # ------------------------------------------------------------------ steps
     def _insertAllSteps(self):
@@ -202,7 +204,7 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         init = {MODE_GRAPH_REFINE: "column", MODE_POOLED: "pooled", MODE_BOTH: "both"}[mode]
         self.runProgram("refine_classes", ["-i", star, "-o", os.path.join(work, "refine"), "--init", init,
                                            "--iterations", self.refineIterations.get()] + mask + resize
-                        + self._poseArgs())
+                        + self._poseArgs(), ranks=True)
         return os.path.join(work, "refine", "particles.star")
 
     def _poseArgs(self) -> list:
@@ -216,7 +218,8 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         if not os.path.exists(summary) or "rlnGsplatPooledHalfAgreement" not in io.read_star_table(
                 summary, "summary"):
             self.runProgram("refine_classes", ["-i", subset, "-o", os.path.join(work, "support"),
-                                               "--init", "pooled", "--iterations", 0] + self._poseArgs())
+                                               "--init", "pooled", "--iterations", 0] + self._poseArgs(),
+                            ranks=True)
             summary = os.path.join(work, "support", "summary.star")
         agreement = float(io.read_star_table(summary, "summary")["rlnGsplatPooledHalfAgreement"].iloc[0])
         self.info(f"half-set eigenvolume agreement {agreement:.3f} (threshold {self.supportThreshold.get()})")

@@ -82,8 +82,7 @@ def refit(mm: MotionModel, data: ParticleData, z: torch.Tensor, epochs: int = 1,
                 loss = data_loss(mm.deformed(zp, phys), data, part, scale * len(idx))
                 loss.backward(retain_graph=m1 < hi)
                 batch_loss += float(loss.detach())
-            batch_loss = world.sum_float(batch_loss)
-            world.sum_gradients(list(leaves.values()))
+            batch_loss, = world.sum_gradients(list(leaves.values()), [batch_loss])  # one round trip per step
             if not math.isfinite(batch_loss):
                 raise FitDivergedError(f"the loss became {batch_loss} while refitting the motions "
                                        f"(epoch {epoch + 1}): check the particles for bad values")

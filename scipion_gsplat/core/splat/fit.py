@@ -312,6 +312,7 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
     stats = DensityStats.zeros(len(params), device)
     dens_rng = np.random.default_rng([seed, 7919])
     stopped = False
+    elapsed = None  # seconds since the start, the same on every rank (the mean of their clocks)
     for epoch in range(start_epoch, config.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(data))
         micro = _micro(params, data, config.max_elements)
@@ -319,8 +320,9 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         for b0 in range(0, len(order), config.batch):
             idx = order[b0:b0 + config.batch]
             progress_frac = step / max(total_steps, 1)
-            if config.time_limit_s:  # the slowest rank's clock, so that all ranks share the schedule
-                elapsed = world.max_float(time.time() - t_start)
+            if config.time_limit_s:  # the ranks' shared clock (below), so that all follow one schedule
+                if elapsed is None:
+                    elapsed = world.max_float(time.time() - t_start)
                 progress_frac = max(progress_frac, elapsed / config.time_limit_s)
             factor = lr_factor(progress_frac, config.lr_final)
             for g in optimizer.param_groups:
@@ -337,20 +339,25 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
                                  pb, slice(m0, m1))
                 part.backward(retain_graph=m1 < hi)
                 batch_loss += float(part.detach())
-            batch_loss = world.sum_float(batch_loss)
+            # the data gradients and loss summed over ranks in one all-reduce (one round trip per step)
+            # (with a time limit the ranks' clocks ride along: their mean is the elapsed time all ranks use)
+            batch_loss, elapsed = world.sum_gradients(list(params.raw.values()) +
+                                                      ([pb.omega, pb.shift_A] if pb is not None else []),
+                                                      [batch_loss, time.time() - t_start])
+            elapsed /= world.size
             if poses is not None:
                 poses.observe_loss(batch_loss)  # mean r²/v̄ per particle: the noise fraction ρ
-            extra = 0.0  # prior and bond terms: added once (on rank 0)
-            if pb is not None and world.is_main:
+            # prior and bond terms: cheap, computed by every rank alike after the sum (no second round trip)
+            extra = 0.0
+            if pb is not None:
                 prior = poses.prior_loss(pb, data.box ** 2, len(idx))
                 prior.backward()
                 extra += float(prior.detach())
-            if use_bonds and world.is_main:
+            if use_bonds:
                 bond = config.bond_weight * bond_energy(params.raw["centres"], pairs_t, bond_len)
                 bond.backward()
                 extra += float(bond.detach())
-            batch_loss += world.sum_float(extra)
-            world.sum_gradients(list(params.raw.values()) + ([pb.omega, pb.shift_A] if pb is not None else []))
+            batch_loss += extra
             if not math.isfinite(batch_loss):
                 raise FitDivergedError(
                     f"the loss became {batch_loss} at epoch {epoch + 1}, step {step + 1}: lower the "
@@ -365,7 +372,7 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
             loss_n += len(idx)
             if progress:
                 progress(step, total_steps)
-            if config.time_limit_s and world.max_float(time.time() - t_start) > config.time_limit_s:
+            if config.time_limit_s and elapsed > config.time_limit_s:
                 stopped = True
                 break
         bad = check_finite(params)
