@@ -14,13 +14,18 @@ settings each; see their builders). The store column says where the particle
 data went: RAM, disk (a scratch file) or stacks (read from the image stacks per
 batch).
 
-Targets (issue 15): peak RSS under 4 GB at 200,000 × 64 px, independent of N.
+``gsplat_simulate`` itself and ``gsplat_reconstruct_fourier`` (which streams
+and has no budget) are measured too.
+
+Targets (issue 15): peak RSS under 4 GB at 200,000 × 64 px and at 20,000 ×
+256 px, independent of N.
 
 Usage::
 
     python benchmarks/scale.py --quick                       # 2,000 and 4,000 particles, minutes
     python benchmarks/scale.py --sizes 20000,50000 --budgets 1T,64M
     python benchmarks/scale.py --sizes 50000,100000,200000 --threads 2
+    python benchmarks/scale.py --sizes 20000 --box 256 --budgets 2G --append
 
 ``--budgets``: values of ``--max-memory``; a large one (1T) keeps everything
 in RAM as before the disk store existed, a small one (64M) forces the store.
@@ -72,18 +77,24 @@ def _reconstruct_splat(sim: Path, out: Path, budget: str, extra: list) -> list:
             "--max-memory", budget] + extra
 
 
+def _reconstruct_fourier(sim: Path, out: Path, budget: str, extra: list) -> list:
+    """Half maps and the full map; it streams the particles (no budget needed)."""
+    return [BIN / "gsplat_reconstruct_fourier", "-i", sim / "particles.star", "-o", out / "map.mrc",
+            "--halves"] + extra
+
+
 #: name → argument builder ``(sim, out, budget, extra) → command``
 PROGRAMS = {"refine_classes": _refine_classes, "gmm_heterogeneity": _gmm_heterogeneity,
-            "reconstruct_splat": _reconstruct_splat}
+            "reconstruct_splat": _reconstruct_splat, "reconstruct_fourier": _reconstruct_fourier}
+#: programs without a memory budget (run once per size)
+NO_BUDGET = {"reconstruct_fourier"}
 
 
-def simulate(n: int, box: int, out: Path, threads: int) -> float:
-    t0 = time.perf_counter()
-    subprocess.run([str(c) for c in [BIN / "gsplat_simulate", "-i", PDB, "-o", out, "-n", n, "--box", box,
-                                     "--angpix", 1.5, "--snr", 0.1, "--hinge", "A/40-88", "--hinge-angle", 40,
-                                     "--seed", 1, "--device", "cpu", "--threads", threads]],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - t0
+def simulate(n: int, box: int, out: Path, threads: int, log: Path) -> dict:
+    """Simulate the set; wall time and peak RSS of ``gsplat_simulate``."""
+    return measure([BIN / "gsplat_simulate", "-i", PDB, "-o", out, "-n", n, "--box", box, "--angpix", 1.5,
+                    "--snr", 0.1, "--hinge", "A/40-88", "--hinge-angle", 40, "--seed", 1, "--device", "cpu",
+                    "--threads", threads], log)
 
 
 def measure(cmd: list, log: Path, interval: float = 0.1) -> dict:
@@ -141,18 +152,24 @@ def main(argv=None) -> None:
     try:
         for n in sizes:
             sim = work / f"sim_{n}"
-            t_sim = simulate(n, args.box, sim, args.threads)
-            print(f"simulated {n} particles at {args.box} px in {t_sim:.0f} s", flush=True)
+            r = simulate(n, args.box, sim, args.threads, out / f"simulate_{n}_{args.box}.log")
+            t_sim = r["wall_s"]
+            r.update(program="simulate", n=n, box=args.box, budget="-", threads=args.threads, store="stack",
+                     particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
+            rows.append(r)
+            print(table([r]).splitlines()[-1], flush=True)
             for name in args.programs.split(","):
-                for budget in budgets:
+                for budget in (["-"] if name in NO_BUDGET else budgets):
                     res_dir = work / f"{name}_{n}_{budget}"
-                    log = out / f"{name}_{n}_{budget}.log"
+                    log = out / f"{name}_{n}_{args.box}_{budget}.log"
                     cmd = PROGRAMS[name](sim, res_dir, budget, ["--threads", str(args.threads)])
+                    if name in NO_BUDGET:
+                        res_dir.mkdir(parents=True, exist_ok=True)
                     r = measure(cmd, log)
                     text = log.read_text()
                     r.update(program=name, n=n, box=args.box, budget=budget, threads=args.threads,
-                             store=("disk" if "in the scratch folder" in text else
-                                    "stacks" if "read from the stacks" in text else "RAM"),
+                             store=("stream" if name in NO_BUDGET else "disk" if "in the scratch folder" in text
+                                    else "stacks" if "read from the stacks" in text else "RAM"),
                              particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
                     rows.append(r)
                     print(table([r]).splitlines()[-1], flush=True)

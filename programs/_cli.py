@@ -176,6 +176,11 @@ def setup_runtime(args) -> str:
     import torch
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
+        try:  # numpy's BLAS and OpenMP too: a rank uses its --threads, not every core (srun sets no OMP_NUM_THREADS)
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            pass
     torch.manual_seed(args.seed)
     np.random.seed(args.seed % (2 ** 32))
     return resolve_device(args.device)

@@ -21,7 +21,7 @@ score), ``class1.mrc``/``class2.mrc`` (at the working box), ``eigenvolume.mrc``
 (pooled), ``mask.mrc`` and ``summary.star`` (support figures and the
 refinement history).
 
-Memory (``--max-memory``, default 4G): the particles' working-box spectra and
+Memory (``--max-memory``, default 2G): the particles' working-box spectra and
 CTFs (12 bytes per rfft pixel) stay in RAM while they fit, else they go to a
 scratch file (``--scratch``, default a hidden folder in the output folder,
 removed at the end) and every pass reads them in chunks: the peak memory then

@@ -174,15 +174,19 @@ def _column_start(sim_pair, path):
 
 
 def _compare_class_refinements(one, two, maps):
-    """Classes identical; probabilities within 1e-4 (written to 6 decimals), the
-    refined angles within 0.01° and the maps within 1e-5 of their largest voxel
-    (measured on sim_pair: 7e-6, 9e-4° and 9e-7; the sums over particles are
-    added in another order)."""
-    p1, p2 = (io.read_particles(str(d / "particles.star")).particles for d in (one, two))
+    """Classes identical; probabilities within 1e-4 (written to 6 decimals); the
+    refined poses within 1e-3° for 99 % of the particles and 0.1° for all (a
+    finer search cell chosen differently moves a pose by a fraction of a step);
+    the maps within 1e-5 of their largest voxel. Measured on sim_pair: 7e-6,
+    1.2e-4° at most and 9e-7; the sums over particles are added in another order."""
+    s1, s2 = (io.read_particles(str(d / "particles.star")) for d in (one, two))
+    p1, p2 = s1.particles, s2.particles
     assert np.array_equal(p1["rlnClassNumber"].to_numpy(), p2["rlnClassNumber"].to_numpy())
     assert np.abs(p1["rlnGsplatClassProbability"].to_numpy() - p2["rlnGsplatClassProbability"].to_numpy()).max() <= 1e-4
-    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
-        assert np.abs(p1[col].to_numpy() - p2[col].to_numpy()).max() < 1e-2, col
+    rel = np.einsum("nji,njk->nik", s1.poses(), s2.poses())  # rotation between the two runs' poses
+    angle = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert np.percentile(angle, 99) < 1e-3 and angle.max() < 0.1
+    assert np.abs(s1.shifts_A() - s2.shifts_A()).max() < 1e-2
     for name in maps:
         a, b = _map(one / name), _map(two / name)
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name

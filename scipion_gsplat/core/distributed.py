@@ -215,6 +215,23 @@ class World:
             pos += n
         return flat[pos:].tolist()
 
+    def sum_arrays(self, *arrays) -> list:
+        """Sums over ranks of numpy arrays (any shapes; float64), in one all-reduce:
+        the sufficient statistics of an EM step split by particle, for example.
+        One rank: the arrays as float64, unchanged."""
+        arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+        if self.size == 1:
+            return arrays
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+        if self.backend == "nccl":
+            flat = flat.cuda()
+        flat = self.all_reduce_(flat).cpu().numpy()
+        out, pos = [], 0
+        for a in arrays:
+            out.append(flat[pos:pos + a.size].reshape(a.shape))
+            pos += a.size
+        return out
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with rank ``src``'s (complex too); returns it.
         For work done once (a map solved on rank 0) that every rank needs."""

@@ -298,25 +298,64 @@ def backproject_halves(star: ParticleStar, reader: ImageReader, symmetry: str = 
     return accs
 
 
+def _solve_shared(tasks: list, world) -> list:
+    """Run the solves ``tasks`` (:class:`_Solve`, each giving a float32 map) split over
+    the ranks of ``world``, task ``i`` on rank ``i mod size``; every rank gets
+    every map (broadcast from the rank that solved it)."""
+    if world is None or world.size == 1:
+        return [task() for task in tasks]
+    out = []
+    for i, task in enumerate(tasks):
+        owner = i % world.size
+        vol = torch.from_numpy(np.ascontiguousarray(task(), np.float32)) if world.rank == owner else None
+        out.append(vol)
+    for i, vol in enumerate(out):  # after all solves, so that the ranks solve at the same time
+        owner = i % world.size
+        shape = (tasks[i].box,) * 3
+        t = vol if vol is not None else torch.empty(shape, dtype=torch.float32)
+        if world.backend == "nccl":
+            t = t.cuda()
+        out[i] = world.broadcast_(t, owner).cpu().numpy()
+    return out
+
+
+class _Solve:
+    """One map to solve from accumulator sums (a task of :func:`_solve_shared`)."""
+
+    def __init__(self, accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0):
+        self.accs, self.ssnr, self.fudge, self.box = accs, ssnr, fudge, accs[0].box
+
+    def __call__(self) -> np.ndarray:
+        if len(self.accs) == 1:
+            return self.accs[0].solve(self.ssnr, self.fudge)
+        total = FourierAccumulator(self.box, self.accs[0].pixel_size_A, self.accs[0].device)
+        for acc in self.accs:
+            total += acc
+        return total.solve(self.ssnr, self.fudge)
+
+
 def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: bool = False,
-                 fudge: float = 1.0, n_passes: int = 2) -> Reconstruction:
-    """Half maps, full map and half-map FSC from two accumulators."""
-    box, pix = acc1.box, acc1.pixel_size_A
-    full = FourierAccumulator(box, pix, acc1.device)
-    full += acc1
-    full += acc2
-    h1, h2 = acc1.solve(None), acc2.solve(None)
+                 fudge: float = 1.0, n_passes: int = 2, world=None) -> Reconstruction:
+    """Half maps, full map and half-map FSC from two accumulators.
+
+    ``world``: ranks that all hold the summed accumulators: they share the
+    solves (two ranks: half 1 and the full map on rank 0, half 2 on rank 1)
+    and every rank gets every map."""
+    pix = acc1.pixel_size_A
+    halves = [_Solve([acc1]), _Solve([acc2])]
+    maps = _solve_shared(halves if wiener else halves + [_Solve([acc1, acc2])], world)
+    h1, h2 = maps[:2]
     freq, fsc = fsc_curve(h1, h2, pix)
     if wiener:
         for _ in range(n_passes):
             f = np.clip(fsc, 1e-4, 0.999)
             ssnr_half = f / (1 - f)
-            h1, h2 = acc1.solve(ssnr_half, fudge), acc2.solve(ssnr_half, fudge)
+            h1, h2 = _solve_shared([_Solve([acc1], ssnr_half, fudge), _Solve([acc2], ssnr_half, fudge)], world)
             freq, fsc = fsc_curve(h1, h2, pix)
         f = np.clip(fsc, 1e-4, 0.999)
-        vol = full.solve(2 * f / (1 - f), fudge)
+        vol, = _solve_shared([_Solve([acc1, acc2], 2 * f / (1 - f), fudge)], world)
     else:
-        vol = full.solve(None)
+        vol = maps[2]
     return Reconstruction(vol, h1, h2, fsc, freq, pix, acc1.count + acc2.count,
                           (acc1.count, acc2.count))
 
@@ -344,6 +383,6 @@ def reconstruct_particles(star: ParticleStar, symmetry: str = "C1", device="cpu"
                                     progress, use_ctf, maxres_A, world)
     if acc1.count == 0 or acc2.count == 0:
         raise InputError("both half sets need particles (rlnRandomSubset 1 and 2)")
-    rec = solve_halves(acc1, acc2, wiener, fudge)
+    rec = solve_halves(acc1, acc2, wiener, fudge, world=world)
     rec.seconds = time.time() - t0
     return rec

@@ -38,7 +38,7 @@ import torch
 from .io import InputError
 
 #: default of ``--max-memory``
-DEFAULT_MAX_MEMORY = "4G"
+DEFAULT_MAX_MEMORY = "2G"  # with the programs' own ~0.5–1 GB, a peak under 4 GB (a common per-job --mem)
 _UNITS = {"": None, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TORCH_TO_NUMPY = {torch.complex64: np.complex64, torch.float32: np.float32, torch.float64: np.float64,
                    torch.complex128: np.complex128, torch.int64: np.int64}

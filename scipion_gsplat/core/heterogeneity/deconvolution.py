@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 from scipy.special import logsumexp, softmax
 
+from ..distributed import World
+
 
 @dataclass
 class CoordinatePrior:
@@ -83,7 +85,8 @@ def _component_posteriors(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePr
 
 
 def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components: int = 8,
-              n_iter: int = 60, tol: float = 1e-6, seed: int = 0, floor: float = 1e-4) -> CoordinatePrior:
+              n_iter: int = 60, tol: float = 1e-6, seed: int = 0, floor: float = 1e-4,
+              world: Optional[World] = None) -> CoordinatePrior:
     """Extreme deconvolution: the mixture prior that best explains all
     particles' likelihoods ``exp(ηᵢᵀz − ½ zᵀHᵢz)``.
 
@@ -94,6 +97,9 @@ def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components
             and the covariance scale.
         n_components: mixture components ``C``.
         floor: covariance floor, as a fraction of the (robust) variance of ``start`` per coordinate.
+        world: ranks sharing the EM (:mod:`..distributed`): each computes the
+            posteriors of its share of the particles and the sums that make the
+            new prior are added over ranks; the k-means start is rank 0's.
     """
     from sklearn.cluster import KMeans
     z = np.asarray(start, float)
@@ -107,19 +113,28 @@ def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components
     sd = 1.4826 * np.median(np.abs(z - centre), axis=0) + 1e-12
     z = np.clip(z, centre - 5 * sd, centre + 5 * sd)
     spread = sd ** 2
-    labels = KMeans(c, n_init=3, random_state=seed).fit_predict(z) if c > 1 else np.zeros(m, int)
-    means = np.stack([z[labels == j].mean(0) if (labels == j).any() else z.mean(0) for j in range(c)])
+    world = world or World()
+    means = None
+    if world.is_main:
+        labels = KMeans(c, n_init=3, random_state=seed).fit_predict(z) if c > 1 else np.zeros(m, int)
+        means = np.stack([z[labels == j].mean(0) if (labels == j).any() else z.mean(0) for j in range(c)])
+    means = world.broadcast_array(means)  # one start for every rank
     covs = np.stack([np.diag(spread) / c] * c)
     prior = CoordinatePrior(np.full(c, 1.0 / c), means, covs)
+    mine = world.shard(m)  # this rank's particles (all of them with one rank)
+    if world.size > 1:
+        eta, prec = eta[mine], prec[mine]
     prev = -np.inf
     for _ in range(n_iter):
         logev, pm, pc = _component_posteriors(eta, prec, prior)
-        total = float(logsumexp(logev, axis=1).sum())
         r = softmax(logev, axis=1)
-        nk = r.sum(0) + 1e-12
-        means = np.einsum("mc,mcd->cd", r, pm) / nk[:, None]
+        total, nk, first = world.sum_arrays(logsumexp(logev, axis=1).sum(), r.sum(0),
+                                            np.einsum("mc,mcd->cd", r, pm))
+        total, nk = float(total), nk + 1e-12
+        means = first / nk[:, None]
         dev = pm - means[None]
-        covs = (np.einsum("mc,mcd,mce->cde", r, dev, dev) + np.einsum("mc,mcde->cde", r, pc)) / nk[:, None, None]
+        second, = world.sum_arrays(np.einsum("mc,mcd,mce->cde", r, dev, dev) + np.einsum("mc,mcde->cde", r, pc))
+        covs = second / nk[:, None, None]
         covs = covs + np.diag(floor * spread)[None]
         prior = CoordinatePrior(nk / m, means, covs)
         if total - prev < tol * abs(total):
@@ -128,11 +143,19 @@ def fit_prior(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components
     return prior
 
 
-def posterior_moments(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior) -> tuple[np.ndarray, np.ndarray]:
+def posterior_moments(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior,
+                      world: Optional[World] = None) -> tuple[np.ndarray, np.ndarray]:
     """Posterior means ``(M, D)`` and covariances ``(M, D, D)`` of the
-    coordinates under ``prior`` (moments of each particle's posterior mixture)."""
+    coordinates under ``prior`` (moments of each particle's posterior mixture);
+    with several ranks (``world``) each computes its share of the particles
+    and every rank gets all rows."""
     eta = np.asarray(eta, float)
     prec = np.asarray(prec, float)
+    world = world or World()
+    if world.size > 1:
+        mine = world.shard(len(eta))
+        mean, cov = posterior_moments(eta[mine], prec[mine], prior)
+        return world.gather_rows(mean), world.gather_rows(cov)
     logev, pm, pc = _component_posteriors(eta, prec, prior)
     r = softmax(logev, axis=1)
     mean = np.einsum("mc,mcd->md", r, pm)
@@ -142,9 +165,10 @@ def posterior_moments(eta: np.ndarray, prec: np.ndarray, prior: CoordinatePrior)
 
 
 def deconvolved_coordinates(eta: np.ndarray, prec: np.ndarray, start: np.ndarray, n_components: int = 8,
-                            seed: int = 0, prior: Optional[CoordinatePrior] = None
-                            ) -> tuple[np.ndarray, np.ndarray, CoordinatePrior]:
+                            seed: int = 0, prior: Optional[CoordinatePrior] = None,
+                            world: Optional[World] = None) -> tuple[np.ndarray, np.ndarray, CoordinatePrior]:
     """Fit the population prior (unless given) and return ``(posterior means
-    (M, D), posterior covariances (M, D, D), prior)``."""
-    prior = prior or fit_prior(eta, prec, start, n_components, seed=seed)
-    return (*posterior_moments(eta, prec, prior), prior)
+    (M, D), posterior covariances (M, D, D), prior)``; ``world``: ranks sharing
+    the particles (every rank gets the same result)."""
+    prior = prior or fit_prior(eta, prec, start, n_components, seed=seed, world=world)
+    return (*posterior_moments(eta, prec, prior, world), prior)

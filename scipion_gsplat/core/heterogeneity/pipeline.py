@@ -266,7 +266,7 @@ def coordinates(mm: MotionModel, data: ParticleData, z0: Optional[torch.Tensor],
         return z, noise, None
     z, noise, (eta, prec) = estimate_coordinates(mm, data, z0, cfg.gn_steps, prior_var=prior_var,
                                                  progress=progress, likelihood=True, world=world)
-    post, cov, _ = deconvolved_coordinates(eta, prec, z.cpu().numpy(), cfg.prior_components, seed)
+    post, cov, _ = deconvolved_coordinates(eta, prec, z.cpu().numpy(), cfg.prior_components, seed, world=world)
     post, cov = (torch.as_tensor(a, dtype=z.dtype, device=z.device) for a in (post, cov))
     return post, noise, cov
 
@@ -468,7 +468,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
             phys = {k: v.detach() for k, v in base.tensors().items()}
         grads = gradient_matrix(phys, data, rows, cfg.amplitudes, amp_length, progress=prog("gradients"),
                                 world=world)
-        vectors, explained = principal_motions(grads, cfg.n_motions, seed)
+        vectors, explained = principal_motions(grads, cfg.n_motions, seed, world=world)  # grads: this rank's rows
         del grads
         motions, amp_motions = motions_from_vectors(vectors, len(base), cfg.amplitudes, amp_length, device)
         mm = MotionModel(base, motions, amp_motions, amp_length)

@@ -153,9 +153,10 @@ def data_loss(params: dict, data: ParticleData, idx: np.ndarray, scale: float,
 
 
 def calibrate_scale(params: SplatParameters, data: ParticleData, n: int = 256, seed: int = 0,
-                    max_elements: int = DEFAULT_MAX_ELEMENTS) -> float:
+                    max_elements: int = DEFAULT_MAX_ELEMENTS, world: Optional[World] = None) -> float:
     """Rescale the amplitudes by the least-squares factor between rendered and
-    real particles (on up to ``n`` of them); returns the factor.
+    real particles (on up to ``n`` of them); returns the factor. With several
+    ranks (``world``) each renders its share of the ``n`` and the sums are added.
 
     Raises:
         InputError: the model anti-correlates with the particles (wrong contrast,
@@ -163,6 +164,8 @@ def calibrate_scale(params: SplatParameters, data: ParticleData, n: int = 256, s
     """
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(data), size=min(n, len(data)), replace=False))
+    world = world or World()
+    idx = idx[world.shard(len(idx))]
     step = _micro(params, data, max_elements)
     num = den = 0.0
     with torch.no_grad():
@@ -172,6 +175,7 @@ def calibrate_scale(params: SplatParameters, data: ParticleData, n: int = 256, s
             pred = render(phys, rot, data.box, data.pixel_size_A, sh, ctf)
             num += float((pred * imgs).sum())
             den += float((pred * pred).sum())
+    num, den = (float(v) for v in world.sum_arrays(num, den))
     if not den > 0 or not num > 0:
         raise InputError("the initial model does not correlate positively with the particles "
                          "(inverted contrast, wrong poses, or an empty model?)")
@@ -295,7 +299,7 @@ def fit(model: GaussianModel, data: ParticleData, config: FitConfig, seed: int =
         optimizer = make_optimizer(params, lrs)
         start_epoch, step, history = 0, 0, []
         if calibrate:
-            factor = calibrate_scale(params, data, seed=seed, max_elements=config.max_elements)
+            factor = calibrate_scale(params, data, seed=seed, max_elements=config.max_elements, world=world)
             if log:
                 log(f"amplitudes rescaled to the particles by {factor:.4g}")
     scale = data.mean_variance(seed=seed)
