@@ -128,7 +128,7 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                            "CryoSPARC's 3D variability display. 0 (default): none; subsets can also be "
                            "picked later in the viewer.")
         self._defineExtraParams(form, "gsplat_gmm_heterogeneity", "--part-sigma-rot 5")
-        self._defineComputeParams(form)
+        self._defineComputeParams(form, mpi=True)  # the fits share minibatches over MPI ranks
 
     def _insertAllSteps(self):
         self._insertFunctionStep(self.convertInputStep)
@@ -159,7 +159,7 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
         return args + (self.extraParams.get() or "").split()
 
     def heterogeneityStep(self):
-        self.runProgram("gmm_heterogeneity", self._programArgs())
+        self.runProgram("gmm_heterogeneity", self._programArgs(), ranks=True)
 
     def createOutputStep(self):
         pix = self._inputImages().getSamplingRate()
