@@ -74,7 +74,7 @@ def launcher(ranks: int, srun: bool) -> list:
         return []
     if srun:
         return ["srun", "-N", str(ranks), "-n", str(ranks)]
-    return [BIN / "torchrun", "--nproc-per-node", str(ranks), "--master-port", "29733"]
+    return [BIN / "torchrun", "--nproc-per-node", str(ranks), "--master-port", str(29000 + os.getpid() % 900)]
 
 
 def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list) -> list:
@@ -159,6 +159,9 @@ def main(argv=None) -> None:
     p.add_argument("--n-large", type=int, default=2000, help="particles of the throughput set")
     p.add_argument("--box-large", type=int, default=256, help="box of the throughput set (px)")
     p.add_argument("--programs", default=",".join(PROGRAMS), help="programs of the ranks table")
+    p.add_argument("--star", default=None,
+                   help="an existing simulated particles.star (hinge set) for the ranks table instead of "
+                        "simulating --n × --box (kept afterwards): time one program at a time on one set")
     p.add_argument("--srun", action="store_true", help="two ranks through srun (a Slurm queue) instead of torchrun")
     p.add_argument("--quick", action="store_true", help="2,000 particles at 64 px; 500 at 128 px")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "output" / "scale"))
@@ -167,10 +170,16 @@ def main(argv=None) -> None:
         args.n, args.box, args.n_large, args.box_large = 2000, 64, 500, 128
     work = Path(tempfile.mkdtemp(prefix="gsplat_ranks_"))
     try:
-        sim = work / "sim"
-        simulate(args.n, args.box, sim, 1.5, hinge=True)
-        rows = ranks_table(sim / "particles.star", args.n, work, args.srun, args.programs.split(","))
-        shutil.rmtree(sim)
+        if args.star:
+            star = Path(args.star).resolve()
+            args.n = len(io.read_particles(str(star)))
+        else:
+            sim = work / "sim"
+            simulate(args.n, args.box, sim, 1.5, hinge=True)
+            star = sim / "particles.star"
+        rows = ranks_table(star, args.n, work, args.srun, [p for p in args.programs.split(",") if p])
+        if not args.star:
+            shutil.rmtree(sim)
         thr = {}
         if args.n_large > 0:
             large = work / "large"

@@ -103,6 +103,23 @@ def test_the_protocols_mpi_field_starts_ranks(project, sim_small):
     assert np.abs(maps[1] - maps[2]).max() <= 1e-5 * np.abs(maps[1]).max()
 
 
+def test_the_heterogeneity_protocol_runs_as_two_ranks(project, sim_small):
+    """The heterogeneity form's MPI field: two ranks through the host's
+    PARALLEL_COMMAND (torchrun here); Scipion registers the outputs."""
+    from scipion_gsplat.headless import launch_and_wait
+    from scipion_gsplat.protocols import ProtGsplatGmmHeterogeneity, ProtGsplatImportParticlesStar
+    imp = launch_and_wait(project, project.newProtocol(ProtGsplatImportParticlesStar,
+                                                       starFile=str(sim_small / "particles.star")))
+    prot = project.newProtocol(ProtGsplatGmmHeterogeneity, nGaussians=200, consensusEpochs=1, nMotions=1,
+                               rounds=1, nFrames=2, nClasses=2, numberOfMpi=2, numberOfThreads=1)
+    prot.inputParticles.set(imp)
+    prot.inputParticles.setExtended("outputParticles")
+    launch_and_wait(project, prot, timeout=600)
+    log = open(os.path.join(project.path, prot.getStdoutLog())).read()
+    assert "2 ranks" in log
+    assert prot.outputParticles.getSize() == 400
+
+
 def test_splat_fit_over_two_slurm_nodes(slurm_queue, sim_small, tmp_path):
     """Minibatch Adam with gradients summed over ranks (half sets, joint pose
     corrections): the maps and the refined poses of the one-process fit."""
@@ -243,3 +260,21 @@ def test_split_volume_runs_its_3d_refinement_as_ranks(project):
     prot._runMode("particles.star", "work")
     assert calls == [("gsplat_aligned_2d_classification", 1), ("gsplat_graph_max_cut", 1),
                      ("gsplat_refine_classes", 2)]
+
+
+def test_wiener_reconstruction_shares_its_solves_between_ranks(sim_small, tmp_path):
+    """With --wiener the two ranks solve one half map each per pass (and rank 0
+    the full map) and exchange them: the one-process maps and FSC."""
+    from scipion_gsplat.programs import reconstruct_fourier
+    star = sim_small / "particles.star"
+    assert reconstruct_fourier.run(_reconstruct_cmd(star, tmp_path / "one" / "map.mrc")[1:] + ["--wiener"]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29613",
+           *_reconstruct_cmd(star, tmp_path / "two" / "map.mrc"), "--wiener"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("map", "map_half1", "map_half2"):
+        a, b = _map(tmp_path / "one" / f"{name}.mrc"), _map(tmp_path / "two" / f"{name}.mrc")
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
+    f1, f2 = (io.read_star_table(str(tmp_path / d / "map_fsc.star"), "fsc") for d in ("one", "two"))
+    assert np.abs(f1["rlnFourierShellCorrelation"].to_numpy() - f2["rlnFourierShellCorrelation"].to_numpy()).max() < 1e-5
