@@ -27,6 +27,7 @@ setup(
         "scipy",
         "torch>=2.1,<3",
         "scikit-learn",
+        "threadpoolctl",  # --threads also limits numpy's BLAS and OpenMP pools
         "cvxpy",
         "matplotlib",
         "pandas",
