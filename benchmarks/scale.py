@@ -158,6 +158,7 @@ def main(argv=None) -> None:
                      particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
             rows.append(r)
             print(table([r]).splitlines()[-1], flush=True)
+            _write(out, rows, notes, args.note)
             for name in args.programs.split(","):
                 for budget in (["-"] if name in NO_BUDGET else budgets):
                     res_dir = work / f"{name}_{n}_{budget}"
@@ -173,16 +174,22 @@ def main(argv=None) -> None:
                              particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
                     rows.append(r)
                     print(table([r]).splitlines()[-1], flush=True)
+                    _write(out, rows, notes, args.note)  # after every row: a long run that stops keeps its rows
                     shutil.rmtree(res_dir, ignore_errors=True)
             shutil.rmtree(sim, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(_write(out, rows, notes, args.note))
+
+
+def _write(out: Path, rows: list, notes: list, note: str) -> str:
+    """``results.json`` and ``results.txt`` in ``out``; returns the text."""
     meta = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2 ** 30:.0f} GB RAM, "
-                       f"load average {os.getloadavg()[0]:.1f} at the end", "note": args.note, "earlier": notes}
+                       f"load average {os.getloadavg()[0]:.1f} at the end", "note": note, "earlier": notes}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     text = table(rows) + "\n\n" + "\n".join(notes + [f"{meta['machine']}. {meta['note']}"]) + "\n"
     (out / "results.txt").write_text(text)
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
