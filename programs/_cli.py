@@ -274,7 +274,7 @@ def run_program(prog: str, description: str, add_args: Callable, main: Callable,
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _GUARD_STARS.clear()
-        distributed.shutdown()
+        distributed.shutdown(together=ok)  # ranks leave together after a success
         if not ok:
             safety.remove_empty_folders(created)
     return 0

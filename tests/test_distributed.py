@@ -103,6 +103,35 @@ def test_the_protocols_mpi_field_starts_ranks(project, sim_small):
     assert np.abs(maps[1] - maps[2]).max() <= 1e-5 * np.abs(maps[1]).max()
 
 
+_LEAVE_SCRIPT = """
+import time
+import torch
+from scipion_gsplat.core import distributed
+world = distributed.init("cpu", timeout_s=1.0)
+world.all_reduce_(torch.ones(1))
+if world.is_main:
+    time.sleep(3.0)  # rank 0 writes the outputs, longer than the group's timeout
+    print(f"rank 0 done at {time.time():.3f}", flush=True)
+distributed.shutdown()
+print(f"rank {world.rank} left at {time.time():.3f}", flush=True)
+"""
+
+
+def test_ranks_leave_together_after_rank_0_writes_the_outputs(tmp_path):
+    """A rank that is done waits for rank 0 (which writes the outputs) before the
+    group is destroyed, however long that takes: a rank destroying it early was
+    seen to abort both with SIGABRT."""
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29613",
+                           str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    times = {" ".join(line.split()[:3]): float(line.split()[-1]) for line in done.stdout.splitlines()
+             if line.startswith("rank ")}
+    assert times["rank 1 left"] >= times["rank 0 done"]
+
+
 def test_the_heterogeneity_protocol_runs_as_two_ranks(project, sim_small):
     """The heterogeneity form's MPI field: two ranks through the host's
     PARALLEL_COMMAND (torchrun here); Scipion registers the outputs."""

@@ -263,9 +263,27 @@ class World:
         if self.size > 1:
             torch.distributed.barrier()
 
-    def close(self) -> None:
+    def wait_for_all(self, timeout_s: float = 7 * 24 * 3600.0) -> None:
+        """Wait until every rank reaches this point, however long the others take
+        (rank 0 writing a large output while the others are done). Unlike
+        :meth:`barrier` it is not bounded by the group's timeout: the ranks meet
+        in the rendezvous key-value store, not in a collective."""
+        if self.size == 1:
+            return
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set(f"gsplat_done_{self.rank}", "1")
+        store.wait([f"gsplat_done_{r}" for r in range(self.size)], datetime.timedelta(seconds=timeout_s))
+
+    def close(self, together: bool = True) -> None:
+        """Leave torch.distributed. ``together``: every rank leaves at once (the
+        end of a successful run; the group is destroyed collectively, as
+        torch.distributed requires: a rank that destroyed it while rank 0 was
+        still writing outputs was seen to abort both with SIGABRT). Otherwise
+        (a rank failed) this rank just stops using it; the launcher ends the rest."""
         if self.size > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            if together:
+                self.wait_for_all()
+                torch.distributed.destroy_process_group()
 
 
 def rank_device(device: str, world: "World") -> str:
@@ -309,9 +327,10 @@ def current() -> World:
     return _WORLD if _WORLD is not None else World()
 
 
-def shutdown() -> None:
-    """Leave torch.distributed (end of a program); safe to call twice."""
+def shutdown(together: bool = True) -> None:
+    """Leave torch.distributed (end of a program; see :meth:`World.close`);
+    safe to call twice."""
     global _WORLD
     if _WORLD is not None:
-        _WORLD.close()
+        _WORLD.close(together)
     _WORLD = None
