@@ -12,6 +12,12 @@ Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
    the two runs are compared (largest difference of the maps relative to the
    largest voxel; for the class refinement also the particles classified
    differently and the largest probability difference).
+   With ``--ceiling`` the same one-process run is also started twice at once
+   (two independent copies, one core each): ``ceiling = 2 × alone / together``
+   is the speedup two ranks could reach on this machine if the work split
+   perfectly and cost no communication (two busy cores share the memory bus
+   and the last-level cache, so each copy runs slower than alone); the
+   efficiency is the measured speedup over that ceiling.
 2. Throughput at a large box: ``--n-large`` particles at ``--box-large`` px
    (default 2,000 at 256 px) reconstructed by ``gsplat_reconstruct_fourier
    --threads 1`` and by ``relion_reconstruct --ctf`` (one thread, RELION 3.1 has
@@ -77,7 +83,20 @@ def launcher(ranks: int, srun: bool) -> list:
     return [BIN / "torchrun", "--nproc-per-node", str(ranks), "--master-port", str(29000 + os.getpid() % 900)]
 
 
-def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list) -> list:
+def two_at_once(cmd_a: list, cmd_b: list, logs: tuple) -> float:
+    """Start two one-process runs together; the wall time (s) until both are done."""
+    t0 = time.perf_counter()
+    procs = []
+    for cmd, log in zip((cmd_a, cmd_b), logs):
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT))
+    for proc, log in zip(procs, logs):
+        if proc.wait() != 0:
+            raise RuntimeError(f"{cmd_a[0]} failed ({proc.returncode}); see {log}")
+    return time.perf_counter() - t0
+
+
+def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list, ceiling: bool = False) -> list:
     rows = []
     for name in programs:
         runs = {}
@@ -96,6 +115,14 @@ def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list) -> l
                      "per_s_per_core_1": n / runs[1]["wall_s"], "per_s_per_core_2": n / runs[2]["wall_s"] / 2,
                      "map_difference": float(np.abs(a - b).max() / np.abs(a).max())})
         rows[-1].update(_class_differences(work / f"{name}_1", work / f"{name}_2"))
+        if ceiling:
+            cmds = [PROGRAMS[name](star, work / f"{name}_copy{c}") + ["--threads", "1", "--device", "cpu"]
+                    for c in (1, 2)]
+            together = two_at_once(*cmds, logs=(work / f"{name}_copy1.log", work / f"{name}_copy2.log"))
+            rows[-1].update(wall_two_copies=together, ceiling=2 * runs[1]["wall_s"] / together)
+            rows[-1]["efficiency"] = rows[-1]["speedup"] / rows[-1]["ceiling"]
+            print(f"  {name}, two independent copies at once: {together:.1f} s: ceiling "
+                  f"{rows[-1]['ceiling']:.2f}x, efficiency {rows[-1]['efficiency']:.2f}", flush=True)
     return rows
 
 
@@ -147,6 +174,11 @@ def write(out_dir: Path, rows: list, thr: dict, note: str) -> None:
         if "classes_differ" in r:
             lines.append(f"{r['program']}: {r['classes_differ']} particles classified differently, largest "
                          f"probability difference {r['probability_difference']:.1e}")
+    for r in rows:
+        if "ceiling" in r:
+            lines.append(f"{r['program']}: two independent one-process copies at once {r['wall_two_copies']:.1f} s "
+                         f"(alone {r['wall_1']:.1f} s): this machine's ceiling for 2 ranks {r['ceiling']:.2f}x; "
+                         f"measured {r['speedup']:.2f}x = {100 * r['efficiency']:.0f} % of it")
     lines.append(note)
     (out_dir / "ranks.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -162,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--star", default=None,
                    help="an existing simulated particles.star (hinge set) for the ranks table instead of "
                         "simulating --n × --box (kept afterwards): time one program at a time on one set")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also run two independent one-process copies at once: the machine's 2-rank ceiling")
     p.add_argument("--srun", action="store_true", help="two ranks through srun (a Slurm queue) instead of torchrun")
     p.add_argument("--quick", action="store_true", help="2,000 particles at 64 px; 500 at 128 px")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "output" / "scale"))
@@ -177,7 +211,8 @@ def main(argv=None) -> None:
             sim = work / "sim"
             simulate(args.n, args.box, sim, 1.5, hinge=True)
             star = sim / "particles.star"
-        rows = ranks_table(star, args.n, work, args.srun, [p for p in args.programs.split(",") if p])
+        rows = ranks_table(star, args.n, work, args.srun, [p for p in args.programs.split(",") if p],
+                          args.ceiling)
         if not args.star:
             shutil.rmtree(sim)
         thr = {}

@@ -207,9 +207,20 @@ class Progress:
                   file=self.stream, flush=True)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already says
+    what the default is (no "(default: 0) (default: 0)") or the option is a
+    flag (no "(default: False)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.nargs == 0:  # a flag is off unless given
+            return text
+        return super()._get_help_string(action)
+
+
 def make_parser(prog: str, description: str, add_args: Callable) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
     add_args(parser)
     add_common_args(parser)
     return parser

@@ -15,6 +15,24 @@ def test_help_exits_zero(capsys):
         assert "--seed" in capsys.readouterr().out
 
 
+def test_help_states_each_default_once(capsys):
+    """Every program's --help: no "(default: 0) (default: 0)", no "(default: False)" on a flag."""
+    import importlib
+    import pkgutil
+    import re
+    from scipion_gsplat import programs
+    names = [m.name for m in pkgutil.iter_modules(programs.__path__) if not m.name.startswith("_")]
+    assert len(names) >= 10
+    for name in names:
+        prog = importlib.import_module(f"scipion_gsplat.programs.{name}")
+        with pytest.raises(SystemExit):
+            prog.run(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert not re.search(r"\(default[^()]*\) \(default", text), name
+        assert "(default: False)" not in text, name
+        assert "random seed (default: 0)" in text, name
+
+
 def test_simulate_two_states(tmp_path, lysozyme_pdb):
     out = tmp_path / "pair"
     code = simulate.run(["-i", str(lysozyme_pdb), "-o", str(out), "-n", "60", "--box", "40",
