@@ -49,6 +49,19 @@ def test_pose_refinement_separates_a_pair_fixed_poses_cannot(sim_pose_error, tmp
     assert np.all(out.column("rlnGsplatAngleChange") >= 0)
 
 
+def test_without_shifts_rescues_fixed_poses(sim_pose_error, tmp_path):
+    """Poses kept as given, the residuals' origin-error span removed: the pair
+    that the fixed poses lose is found again, with no pose search."""
+    truth = np.load(sim_pose_error / "ground_truth.npz")["labels"]
+    common = ["-i", str(sim_pose_error / "particles.star"), "--init", "pooled", "--iterations", "0",
+              "--eigen-iterations", "6", "--device", "cpu", "--sigma-ang", "0"]
+    assert refine_classes.run(common + ["-o", str(tmp_path / "plain")]) == 0
+    assert refine_classes.run(common + ["-o", str(tmp_path / "without"), "--without-shifts"]) == 0
+    plain = accuracy(_classes(tmp_path / "plain" / "particles.star"), truth)
+    without = accuracy(_classes(tmp_path / "without" / "particles.star"), truth)
+    assert plain < 0.65 and without > 0.85, (plain, without)  # measured 0.50 and 0.92
+
+
 def test_per_class_poses(sim_pose_error):
     """Each class aligns every particle against its own map: two pose sets,
     class maps from them, and the split from the true labels is kept."""
