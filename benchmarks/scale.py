@@ -97,8 +97,9 @@ def simulate(n: int, box: int, out: Path, threads: int, log: Path) -> dict:
                     "--threads", threads], log)
 
 
-def measure(cmd: list, log: Path, interval: float = 0.1) -> dict:
-    """Run ``cmd``; its wall time and peak RSS (bytes, the process and its children)."""
+def measure(cmd: list, log: Path, interval: float = 0.1, allow_failure: bool = False) -> dict:
+    """Run ``cmd``; its wall time, peak RSS (bytes, the process and its children)
+    and exit status (a failure raises unless ``allow_failure``)."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
@@ -111,9 +112,9 @@ def measure(cmd: list, log: Path, interval: float = 0.1) -> dict:
                 pass
             time.sleep(interval)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not allow_failure:
         raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}); see {log}")
-    return {"wall_s": wall, "peak_rss_bytes": peak}
+    return {"wall_s": wall, "peak_rss_bytes": peak, "returncode": proc.returncode}
 
 
 def table(rows: list) -> str:
@@ -121,8 +122,10 @@ def table(rows: list) -> str:
            f"{'wall':>8s} {'part/s/core':>11s}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        failed = f"  FAILED (exit {r['returncode']})" if r.get("returncode") else ""
         lines.append(f"{r['program']:16s} {r['n']:8d} {r['box']:4d} {r['budget']:>12s} {r['store']:>6s} "
-                     f"{r['peak_rss_bytes'] / 2 ** 30:8.2f} GB {r['wall_s']:7.0f}s {r['particles_per_s_core']:11.1f}")
+                     f"{r['peak_rss_bytes'] / 2 ** 30:8.2f} GB {r['wall_s']:7.0f}s {r['particles_per_s_core']:11.1f}"
+                     f"{failed}")
     return "\n".join(lines)
 
 
@@ -137,6 +140,9 @@ def main(argv=None) -> None:
     p.add_argument("--work", default=None, help="folder for the simulated sets (default: a temporary folder)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "output" / "scale"))
     p.add_argument("--note", default="", help="a line about the machine (load, shared cores) for the table")
+    p.add_argument("--sets", default=None,
+                   help="keep the simulated sets in this folder and reuse them on a later run (default: "
+                        "simulate into --work and delete each set after its rows)")
     p.add_argument("--append", action="store_true", help="add the rows to those of an earlier results.json in --out")
     args = p.parse_args(argv)
     sizes = [2000, 4000] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -151,14 +157,18 @@ def main(argv=None) -> None:
         notes = old["meta"].get("earlier", []) + [old["meta"]["machine"] + ". " + old["meta"]["note"]]
     try:
         for n in sizes:
-            sim = work / f"sim_{n}"
-            r = simulate(n, args.box, sim, args.threads, out / f"simulate_{n}_{args.box}.log")
-            t_sim = r["wall_s"]
-            r.update(program="simulate", n=n, box=args.box, budget="-", threads=args.threads, store="stack",
-                     particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
-            rows.append(r)
-            print(table([r]).splitlines()[-1], flush=True)
-            _write(out, rows, notes, args.note)
+            sim = (Path(args.sets) if args.sets else work) / f"sim_{n}_{args.box}"
+            if args.sets and (sim / "particles.star").exists():
+                t_sim = float("nan")
+                print(f"reusing the set {sim}", flush=True)
+            else:
+                r = simulate(n, args.box, sim, args.threads, out / f"simulate_{n}_{args.box}.log")
+                t_sim = r["wall_s"]
+                r.update(program="simulate", n=n, box=args.box, budget="-", threads=args.threads, store="stack",
+                         particles_per_s_core=n / r["wall_s"] / args.threads, simulate_s=t_sim)
+                rows.append(r)
+                print(table([r]).splitlines()[-1], flush=True)
+                _write(out, rows, notes, args.note)
             for name in args.programs.split(","):
                 for budget in (["-"] if name in NO_BUDGET else budgets):
                     res_dir = work / f"{name}_{n}_{budget}"
@@ -166,7 +176,7 @@ def main(argv=None) -> None:
                     cmd = PROGRAMS[name](sim, res_dir, budget, ["--threads", str(args.threads)])
                     if name in NO_BUDGET:
                         res_dir.mkdir(parents=True, exist_ok=True)
-                    r = measure(cmd, log)
+                    r = measure(cmd, log, allow_failure=True)  # a failure is a row; the other programs still run
                     text = log.read_text()
                     r.update(program=name, n=n, box=args.box, budget=budget, threads=args.threads,
                              store=("stream" if name in NO_BUDGET else "disk" if "in the scratch folder" in text
@@ -176,7 +186,8 @@ def main(argv=None) -> None:
                     print(table([r]).splitlines()[-1], flush=True)
                     _write(out, rows, notes, args.note)  # after every row: a long run that stops keeps its rows
                     shutil.rmtree(res_dir, ignore_errors=True)
-            shutil.rmtree(sim, ignore_errors=True)
+            if not args.sets:
+                shutil.rmtree(sim, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(_write(out, rows, notes, args.note))

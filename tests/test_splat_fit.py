@@ -180,6 +180,19 @@ def test_initial_models_from_map_mask_and_structure(sim_small, lysozyme_pdb):
     assert torch.is_tensor(data.images) and data.images.shape == (50, 40, 40)
 
 
+def test_initial_model_from_a_small_particle_in_a_large_box(sim_small):
+    """The particle fills under 0.1 % of the box (as lysozyme at 256 px): the
+    99.9th percentile is solvent, the Gaussians must still land on the density."""
+    truth, pix = io.read_map(sim_small / "truth_state1.mrc")
+    big = 176  # 5.4 M voxels; lysozyme fills ~0.08 %
+    vol = np.random.default_rng(3).normal(0, 0.01 * truth.max(), (big,) * 3).astype(np.float32)
+    lo = big // 2 - truth.shape[0] // 2
+    vol[lo:lo + truth.shape[0], lo:lo + truth.shape[0], lo:lo + truth.shape[0]] += truth
+    assert np.percentile(vol, 99.9) < 0.1 * truth.max()  # the old reference density: solvent
+    m = initial.from_map(vol, pix, 300, np.random.default_rng(7), 1.4)
+    assert np.mean(np.linalg.norm(m.centres_A, axis=1) < 30.0) > 0.98  # on the particle (radius ~22 Å)
+
+
 def test_time_limit_stops_the_fit_with_a_decayed_learning_rate(noiseless):
     star, truth = noiseless
     data = ParticleData.from_star(star, np.arange(64))

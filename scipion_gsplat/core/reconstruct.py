@@ -23,16 +23,17 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
 from .ctf import ctf_2d
-from .fourier import as_tensor, crop_to, image_rfft, shift_phase
-from .fsc import fsc_curve, shell_index
+from .fourier import as_tensor, image_rfft, shift_phase
+from .fsc import fsc_curve
 from .io import ImageReader, InputError, ParticleStar
 from .masks import soft_sphere
 from .symmetry import expand_poses
 
 PAD = 2.0
+#: slice samples scattered at once (2M: ~0.2 GB of temporaries; 40 images of 256 px)
+SCATTER_SAMPLES = 1 << 21
 
 
 @dataclass
@@ -146,7 +147,10 @@ class FourierAccumulator:
         if g > 1:
             dvals = dvals.repeat_interleave(g, dim=0)
             wvals = wvals.repeat_interleave(g, dim=0)
-        self._scatter(as_tensor(mats.reshape(-1, 3, 3), self.device), dvals, wvals)
+        mats = as_tensor(mats.reshape(-1, 3, 3), self.device)
+        step = max(1, SCATTER_SAMPLES // max(dvals.shape[1], 1))  # bounded temporaries (~100 bytes a sample)
+        for i in range(0, mats.shape[0], step):
+            self._scatter(mats[i:i + step], dvals[i:i + step], wvals[i:i + step])
         self.count += b
 
     def _scatter(self, mats: torch.Tensor, dvals: torch.Tensor, wvals: torch.Tensor) -> None:
@@ -174,15 +178,8 @@ class FourierAccumulator:
                     self._w.index_add_(0, idx, wvals * c)
 
     def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(D, W)`` on the ``(2n, 2n, n+1)`` grid, x = 0 plane made Hermitian."""
-        s, h = self.size, self.size // 2 + 1
-        d = self._d.reshape(self._shape)[:s, :s, :h].clone()
-        w = self._w.reshape(self._shape)[:s, :s, :h].clone()
-        mirror = (s - torch.arange(s, device=self.device)) % s  # index of −k on a shifted axis
-        d0, w0 = d[:, :, 0], w[:, :, 0]
-        d[:, :, 0] = d0 + d0[mirror][:, mirror].conj()
-        w[:, :, 0] = w0 + w0[mirror][:, mirror]
-        return d, w
+        """``(D, W)`` on the ``(2n, 2n, n+1)`` grid, x = 0 plane made Hermitian (copies)."""
+        return _summed_grids([self])
 
     def all_reduce(self, world) -> "FourierAccumulator":
         """Add the sums of every rank (a :class:`~scipion_gsplat.core.distributed.World`);
@@ -199,50 +196,109 @@ class FourierAccumulator:
         self.count += other.count
         return self
 
-    def shell_of_padded_grid(self) -> torch.Tensor:
-        """Shell index (in units of the unpadded box) of every padded-grid voxel."""
-        idx = shell_index(self.size, rfft=True, fftshifted=True, device=self.device)
-        return idx.to(torch.float32) / PAD
-
-    def shell_mean(self, grid: torch.Tensor) -> torch.Tensor:
-        """Mean of a padded-grid array per unpadded shell, ``(n//2 + 1,)``."""
-        nshell = self.box // 2 + 1
-        idx = self.shell_of_padded_grid().round().long().clamp(max=nshell - 1).ravel()
-        total = torch.zeros(nshell, device=self.device).index_add_(0, idx, grid.ravel())
-        count = torch.zeros(nshell, device=self.device).index_add_(0, idx, torch.ones_like(grid).ravel())
-        return total / count.clamp(min=1)
-
     def solve(self, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0) -> np.ndarray:
-        """Real-space map ``[z, y, x]`` (box ``n``) from the sums.
+        """Real-space map ``[z, y, x]`` (box ``n``) from the sums (:func:`solve_sums`)."""
+        return solve_sums([self], ssnr, fudge)
 
-        ``V = D / max(W + W̄/(fudge·SSNR), W̄/1000)`` voxel by voxel, then the
-        inverse transform, the sinc² gridding correction, cropping to ``n`` and
-        a soft spherical mask of radius ``n/2`` (both as ``relion_reconstruct``).
-        We measured RELION's iterative Pipe-Menon density compensation against
-        this direct division on simulated data: it did not change the FSC to the
-        truth (0.763 vs 0.764), so it is not implemented.
 
-        Args:
-            ssnr: ``(n//2 + 1,)`` SSNR per unpadded shell for a Wiener term, or None.
-            fudge: RELION's tau2_fudge (>1 trusts the data more).
-        """
-        data, w = self.grids()
-        shell = self.shell_of_padded_grid()
-        wmean = self.shell_mean(w)
-        if ssnr is not None:
-            s = torch.as_tensor(np.maximum(ssnr, 1e-4) * fudge, device=self.device, dtype=torch.float32)
-            w = w + _interp_shells(wmean / s, shell)
+#: voxels of the padded grid handled at once by the solve's slab loops (bounds
+#: its temporary memory: ~40 bytes per voxel of a slab)
+SLAB_VOXELS = 1 << 22
+
+
+def _summed_grids(accs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D, W)`` summed over accumulators on the ``(2n, 2n, n+1)`` grid, x = 0
+    plane made Hermitian: one copy of each, however many accumulators."""
+    a0 = accs[0]
+    s, h = a0.size, a0.size // 2 + 1
+    d = a0._d.reshape(a0._shape)[:s, :s, :h].clone()
+    w = a0._w.reshape(a0._shape)[:s, :s, :h].clone()
+    for a in accs[1:]:
+        d += a._d.reshape(a._shape)[:s, :s, :h]
+        w += a._w.reshape(a._shape)[:s, :s, :h]
+    mirror = (s - torch.arange(s, device=a0.device)) % s  # index of −k on a shifted axis
+    d0, w0 = d[:, :, 0].clone(), w[:, :, 0].clone()
+    d[:, :, 0] = d0 + d0[mirror][:, mirror].conj()
+    w[:, :, 0] = w0 + w0[mirror][:, mirror]
+    return d, w
+
+
+def _slabs(shape: tuple) -> list:
+    """z slices of a 3D grid of ``shape``, each of about :data:`SLAB_VOXELS` voxels."""
+    step = max(1, SLAB_VOXELS // (shape[1] * shape[2]))
+    return [slice(z, min(z + step, shape[0])) for z in range(0, shape[0], step)]
+
+
+def _padded_shells(size: int, zs: slice, device) -> torch.Tensor:
+    """Shell radius (in units of the unpadded box) of the voxels ``zs`` of the
+    padded ``(size, size, size//2+1)`` grid (z and y fftshifted)."""
+    full = torch.fft.fftshift(torch.fft.fftfreq(size, d=1.0 / size, device=device))
+    last = torch.fft.rfftfreq(size, d=1.0 / size, device=device)
+    kz, ky, kx = torch.meshgrid(full[zs], full, last, indexing="ij")
+    return torch.sqrt(kz ** 2 + ky ** 2 + kx ** 2).to(torch.float32) / PAD
+
+
+def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0) -> np.ndarray:
+    """Real-space map ``[z, y, x]`` (box ``n``) from the summed sums of ``accs``.
+
+    ``V = D / max(W + W̄/(fudge·SSNR), W̄/1000)`` voxel by voxel, then the
+    inverse transform, the sinc² gridding correction, cropping to ``n`` and
+    a soft spherical mask of radius ``n/2`` (both as ``relion_reconstruct``).
+    We measured RELION's iterative Pipe-Menon density compensation against
+    this direct division on simulated data: it did not change the FSC to the
+    truth (0.763 vs 0.764), so it is not implemented.
+
+    Memory: one copy of ``D`` and ``W`` (12 bytes per padded voxel: 0.8 GB at
+    n = 256), then slab by slab; the inverse transform runs along z and y per
+    x slab and keeps only the central ``n × n`` rows before the last axis, so
+    no full padded real-space map is made (measured at 20,000 × 256 px:
+    peak RSS of gsplat_reconstruct_fourier 6.9 GB before, see CHANGES).
+
+    Args:
+        accs: accumulators of one box (their sums are added, e.g. two half sets).
+        ssnr: ``(n//2 + 1,)`` SSNR per unpadded shell for a Wiener term, or None.
+        fudge: RELION's tau2_fudge (>1 trusts the data more).
+    """
+    a0 = accs[0]
+    box, size, dev = a0.box, a0.size, a0.device
+    data, w = _summed_grids(accs)
+    slabs = _slabs(tuple(data.shape))
+    nshell = box // 2 + 1
+    total = torch.zeros(nshell, device=dev)
+    count = torch.zeros(nshell, device=dev)
+    for zs in slabs:  # W̄: shell means of W
+        idx = _padded_shells(size, zs, dev).round().long().clamp(max=nshell - 1).ravel()
+        total.index_add_(0, idx, w[zs].reshape(-1))
+        count.index_add_(0, idx, torch.ones(idx.shape, device=dev))
+    wmean = total / count.clamp(min=1)
+    if ssnr is not None:
+        s = torch.as_tensor(np.maximum(ssnr, 1e-4) * fudge, device=dev, dtype=torch.float32)
+        extra = wmean / s
+    for zs in slabs:  # D / max(W [+ W̄/SSNR], W̄/1000), in place
+        shell = _padded_shells(size, zs, dev)
+        ws = w[zs] if ssnr is None else w[zs] + _interp_shells(extra, shell)
         floor = _interp_shells(wmean / 1000.0, shell).clamp(min=1e-20)
-        vol = data / torch.maximum(w, floor)
-        vol = torch.where(shell <= self.box / 2, vol, torch.zeros_like(vol))
-        vol = torch.fft.ifftshift(vol, dim=(-3, -2))
-        real = torch.fft.irfftn(vol, s=(self.size,) * 3, dim=(-3, -2, -1))
-        real = torch.fft.fftshift(real, dim=(-3, -2, -1))
-        real = real / separable_sinc2_correction(real.shape, device=self.device)
-        vol_out = crop_to(real, self.box, 3).cpu().numpy().astype(np.float32)
-        # Like RELION, zero the corners beyond the inscribed sphere, where there
-        # is only noise amplified by the gridding correction.
-        return vol_out * soft_sphere(self.box, self.box / 2 - 1, 3.0)
+        vol = data[zs] / torch.maximum(ws, floor)
+        data[zs] = torch.where(shell <= box / 2, vol, torch.zeros_like(vol))
+    del w, ws, vol, shell  # ws may be a view of w
+    # the central n voxels of the fftshifted padded real axes, as indices of the unshifted axis
+    lo = size // 2 - box // 2
+    keep = (torch.arange(lo, lo + box, device=dev) - size // 2) % size
+    rows = torch.empty((box, box, data.shape[2]), dtype=data.dtype, device=dev)
+    step = max(1, SLAB_VOXELS // (size * size))
+    for x in range(0, data.shape[2], step):  # inverse transform along z and y, x slab by slab
+        part = torch.fft.ifftn(torch.fft.ifftshift(data[:, :, x:x + step], dim=(0, 1)), dim=(0, 1))
+        rows[:, :, x:x + step] = part[keep][:, keep]
+    del data, part
+    real = torch.fft.irfft(rows, n=size, dim=2)[:, :, keep]  # (n, n, n), centred
+    del rows
+    sinc = torch.sinc(torch.fft.fftshift(torch.fft.fftfreq(size, device=dev)))[lo:lo + box]
+    correction = (sinc[:, None, None] * sinc[None, :, None] * sinc[None, None, :]) ** 2
+    real /= correction
+    # Like RELION, zero the corners beyond the inscribed sphere, where there
+    # is only noise amplified by the gridding correction.
+    real *= torch.as_tensor(soft_sphere(box, box / 2 - 1, 3.0), dtype=real.dtype, device=dev)
+    return real.cpu().numpy()
 
 
 def _interp_shells(values: torch.Tensor, shell: torch.Tensor) -> torch.Tensor:
@@ -326,12 +382,7 @@ class _Solve:
         self.accs, self.ssnr, self.fudge, self.box = accs, ssnr, fudge, accs[0].box
 
     def __call__(self) -> np.ndarray:
-        if len(self.accs) == 1:
-            return self.accs[0].solve(self.ssnr, self.fudge)
-        total = FourierAccumulator(self.box, self.accs[0].pixel_size_A, self.accs[0].device)
-        for acc in self.accs:
-            total += acc
-        return total.solve(self.ssnr, self.fudge)
+        return solve_sums(self.accs, self.ssnr, self.fudge)
 
 
 def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: bool = False,

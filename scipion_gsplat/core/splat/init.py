@@ -35,13 +35,32 @@ def _sample_voxels(weights: np.ndarray, n: int, pixel_size_A: float,
     return (vox + rng.uniform(-0.5, 0.5, vox.shape)) * pixel_size_A
 
 
+#: voxels above the reference density of :func:`_top_density` when the 99.9th percentile is solvent
+TOP_VOXELS = 1000
+
+
+def _top_density(v: np.ndarray) -> float:
+    """The reference density of a map: its 99.9th percentile, unless that is
+    within 4 robust standard deviations (1.4826 × the median absolute
+    deviation) of the median, i.e. solvent; then the density of the
+    :data:`TOP_VOXELS`-th highest voxel. A small particle in a large box (e.g.
+    lysozyme, ~9,000 voxels at 1.5 Å, in a 256 px box of 16.8 M voxels) fills
+    less than 0.1 % of the box."""
+    flat = v.ravel()
+    top = float(np.percentile(flat, 99.9))
+    med = float(np.median(flat))
+    if top - med > 4 * 1.4826 * float(np.median(np.abs(flat - med))) or flat.size <= TOP_VOXELS:
+        return top
+    return float(np.partition(flat, flat.size - TOP_VOXELS)[flat.size - TOP_VOXELS])
+
+
 def from_map(volume: np.ndarray, pixel_size_A: float, n_gaussians: int, rng: np.random.Generator,
              sigma_min_A: float, sigma_A: Optional[float] = None,
              mask: Optional[np.ndarray] = None, threshold_rel: float = 0.1) -> GaussianModel:
     """Gaussians at points sampled from a map's density.
 
-    Voxels below ``threshold_rel`` × the map's 99.9th percentile (inside
-    ``mask``, if given) are ignored; the others are sampled with probability ∝
+    Voxels below ``threshold_rel`` × the map's top density (:func:`_top_density`,
+    inside ``mask`` if given) are ignored; the others are sampled with probability ∝
     density. Amplitudes are equal and sum to the thresholded density's voxel sum.
 
     Args:
@@ -54,7 +73,7 @@ def from_map(volume: np.ndarray, pixel_size_A: float, n_gaussians: int, rng: np.
         raise InputError("the initial map contains NaN or infinite values")
     if mask is not None:
         v = v * mask
-    top = np.percentile(v, 99.9)
+    top = _top_density(v)
     if not np.isfinite(top) or top <= 0:
         raise InputError("the initial map has no positive density to sample Gaussians from")
     w = np.where(v >= threshold_rel * top, v, 0.0)
