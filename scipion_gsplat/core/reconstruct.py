@@ -177,10 +177,6 @@ class FourierAccumulator:
                     self._d.index_add_(0, idx, dvals * c)
                     self._w.index_add_(0, idx, wvals * c)
 
-    def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(D, W)`` on the ``(2n, 2n, n+1)`` grid, x = 0 plane made Hermitian (copies)."""
-        return _summed_grids([self])
-
     def all_reduce(self, world) -> "FourierAccumulator":
         """Add the sums of every rank (a :class:`~scipion_gsplat.core.distributed.World`);
         afterwards each rank holds the sums over all particles."""
