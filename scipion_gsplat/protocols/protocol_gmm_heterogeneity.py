@@ -84,7 +84,7 @@ class ProtGsplatGmmHeterogeneity(GsplatProgramMixin, ProtAnalysis3D):
                            "refined poses; the output particles carry them. 0 (with a shift error of 0): the "
                            "poses are used as given. Measured on a 4000-particle hinge (SNR 0.05): with 2° / "
                            "0.5 px errors in the input, setting 2° / 0.5 px raised the rank correlation of "
-                           "the first coordinate with the true angle 0.932 → 0.941 for ~15 % more time; on exact "
+                           "the first coordinate with the true angle 0.927 → 0.937 for ~13 % more time; on exact "
                            "poses it lowered it 0.961 → 0.949, so it is off by default. As RELION's "
                            "--sigma_ang of local searches.")
         form.addParam("sigmaShift", params.FloatParam, default=0.0, validators=[params.GE(0)],

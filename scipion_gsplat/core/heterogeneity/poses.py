@@ -26,6 +26,10 @@ from ..particle_spectra import load_spectra, noise_spectrum
 from ..splat.model import GaussianModel
 
 POSE_METHODS = ("gradient", "search")
+# Grid levels of the local search (coarse grid and one finer level). Hinge set with 2° / 0.5 px errors,
+# SNR 0.05, 4000 particles on the 40 px working box, 1 thread: RMS pose error 3.49° → 3.180° in 25.9 s
+# with three levels, 3.180° in 17.4 s with two (the posterior mean needs no finer cells at this SNR).
+SEARCH_LEVELS = 2
 
 
 def search_corrections(star: ParticleStar, model: GaussianModel, work_box: int, sigma_ang_deg: float,
@@ -46,7 +50,8 @@ def search_corrections(star: ParticleStar, model: GaussianModel, work_box: int, 
     # real-space pixel values: scale the map to them
     ref = model.to_map(work_box, spectra.pixel_size_A, device=device) * (work_box / star.box_size) ** 2
     sigma2 = noise_spectrum(spectra, ref)
-    search = LocalSearch(sigma_ang_deg=max(sigma_ang_deg, 1e-3), sigma_shift_A=max(sigma_shift_A, 1e-3))
+    search = LocalSearch(sigma_ang_deg=max(sigma_ang_deg, 1e-3), sigma_shift_A=max(sigma_shift_A, 1e-3),
+                         levels=SEARCH_LEVELS)
     upd = refine_poses(spectra, ref, sigma2, search, progress=log)
     omega, shift = np.asarray(upd.omega, np.float64), np.asarray(upd.delta_origin_A, np.float64)
     if sigma_ang_deg <= 0:
