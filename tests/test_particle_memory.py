@@ -107,3 +107,32 @@ def test_max_memory_is_checked(sim_small, tmp_path, capsys):
     code = reconstruct_splat.run(["-i", str(sim_small / "particles.star"), "-o", str(tmp_path / "o"),
                                   "--max-memory", "12"] + SPLAT)
     assert code == 2 and "give a unit" in capsys.readouterr().err
+
+
+def test_initial_reconstruction_before_the_images_are_loaded(sim_motion, sim_small, tmp_path, monkeypatch):
+    """The Fourier reconstruction that seeds the fit (padded grids of about 3 GB at 256 px) runs
+    before the particle images are loaded under --max-memory, so the two never add up (measured at
+    20,000 × 256 px: the heterogeneity program peaked at 5.2 GB with the images loaded first)."""
+    from scipion_gsplat.core.splat import reconstruct as splat_reconstruct
+    events = []
+    rec, load = splat_reconstruct.reconstruct_particles, ParticleData.from_star.__func__
+
+    def recording_rec(*a, **k):
+        events.append("reconstruction")
+        return rec(*a, **k)
+
+    def recording_load(cls, *a, **k):
+        events.append("images")
+        return load(cls, *a, **k)
+
+    monkeypatch.setattr(splat_reconstruct, "reconstruct_particles", recording_rec)
+    monkeypatch.setattr(ParticleData, "from_star", classmethod(recording_load))
+    star = subset_star(sim_motion / "particles.star", tmp_path / "p.star", 200)
+    assert gmm_heterogeneity.run(["-i", str(star), "-o", str(tmp_path / "het")] + HET) == 0
+    assert events and events[0] == "reconstruction" and "images" in events, events
+    events.clear()
+    star = subset_star(sim_small / "particles.star", tmp_path / "s.star", 200)
+    splat = list(SPLAT)
+    splat[splat.index("--align-rounds") + 1] = "0"
+    assert reconstruct_splat.run(["-i", str(star), "-o", str(tmp_path / "splat")] + splat) == 0
+    assert events and events[0] == "reconstruction" and "images" in events, events

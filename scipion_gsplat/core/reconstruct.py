@@ -248,7 +248,7 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
     n = 256), then slab by slab; the inverse transform runs along z and y per
     x slab and keeps only the central ``n × n`` rows before the last axis, so
     no full padded real-space map is made (measured at 20,000 × 256 px:
-    peak RSS of gsplat_reconstruct_fourier 6.9 GB before, see CHANGES).
+    peak RSS of gsplat_reconstruct_fourier 6.9 GB before, 3.3 GB after).
 
     Args:
         accs: accumulators of one box (their sums are added, e.g. two half sets).

@@ -162,27 +162,38 @@ class HeterogeneityResult:
     pose_shift_A: Optional[np.ndarray] = None
 
 
-def consensus_model(star: ParticleStar, data: ParticleData, cfg: HeterogeneityConfig, seed: int,
-                    device="cpu", log: Callable[[str], None] = print, progress_factory=None,
-                    checkpoint=None, inputs: Optional[str] = None, world: Optional[World] = None
-                    ) -> tuple[GaussianModel, Optional[tuple[np.ndarray, np.ndarray]]]:
-    """The consensus Gaussian model, fitted to the particles (the fit written
-    to and resumed from ``checkpoint`` after every epoch, when given, if it was
-    computed from the same ``inputs``: :func:`_signature`), and the pose
-    corrections ``(omega (M, 3) rad, shift (M, 2) Å)`` of the particles (None:
-    poses fixed), refined jointly with the fit or by a local search against it
-    (``cfg.pose_method``)."""
+def initial_consensus(star: ParticleStar, cfg: HeterogeneityConfig, seed: int, device="cpu",
+                      log: Callable[[str], None] = print, progress_factory=None,
+                      world: Optional[World] = None) -> GaussianModel:
+    """The consensus Gaussian model before its fit: the given ``.npz`` model,
+    or Gaussians sampled from the given map or from the particles' own Fourier
+    reconstruction (streamed from the stacks). Called before the particle
+    images are loaded, so that the reconstruction's padded grids (about 3 GB
+    at 256 px) and the working images are never in memory together."""
     prog = progress_factory or (lambda label: None)
     path = cfg.consensus
     if path and Path(path).suffix.lower() == ".npz":
         model = isotropic(GaussianModel.load(path))
         log(f"consensus: {len(model)} Gaussians from {path}")
-    else:
-        spec = InitSpec(mode="map", file=path, n_gaussians=cfg.n_gaussians)
-        models, _, _ = initial_models(star, spec, False, seed, device, True, log, prog("consensus reconstruction"),
-                                      world)
-        model = models[0]
-        log(f"consensus: {len(model)} Gaussians sampled from {path or 'the particles reconstruction'}")
+        return model
+    spec = InitSpec(mode="map", file=path, n_gaussians=cfg.n_gaussians)
+    models, _, _ = initial_models(star, spec, False, seed, device, True, log, prog("consensus reconstruction"),
+                                  world)
+    log(f"consensus: {len(models[0])} Gaussians sampled from {path or 'the particles reconstruction'}")
+    return models[0]
+
+
+def consensus_model(star: ParticleStar, data: ParticleData, model: GaussianModel, cfg: HeterogeneityConfig,
+                    seed: int, device="cpu", log: Callable[[str], None] = print, progress_factory=None,
+                    checkpoint=None, inputs: Optional[str] = None, world: Optional[World] = None
+                    ) -> tuple[GaussianModel, Optional[tuple[np.ndarray, np.ndarray]]]:
+    """The consensus Gaussian ``model`` (:func:`initial_consensus`) fitted to
+    the particles (the fit written to and resumed from ``checkpoint`` after
+    every epoch, when given, if it was computed from the same ``inputs``:
+    :func:`_signature`), and the pose corrections ``(omega (M, 3) rad, shift
+    (M, 2) Å)`` of the particles (None: poses fixed), refined jointly with the
+    fit or by a local search against it (``cfg.pose_method``)."""
+    prog = progress_factory or (lambda label: None)
     joint = cfg.refine_poses and cfg.pose_method == "gradient"
     if joint and cfg.consensus_epochs < 1:
         raise InputError("pose refinement with the consensus fit needs --consensus-epochs of at least 1")
@@ -412,18 +423,6 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         raise InputError("the pose prior σ must not be negative")
     if len(star) < 2 * cfg.n_motions + 2:
         raise InputError(f"{len(star)} particles are too few for {cfg.n_motions} eigen-motions")
-    work = working_box(cfg.resize, star.box_size, star.pixel_size, WORKING_PIXEL_A)
-    keep_full = None  # no workspace: in RAM up to 2 GB
-    if workspace is not None:
-        n, box = len(star), star.box_size
-        needed = work == box or cfg.final_epochs > 0
-        keep_full = needed and workspace.fits(n * box * box * 4 + (n * work * work * 4 if work != box else 0))
-    full = data = ParticleData.from_star(star, None, device, use_ctf=True, workspace=workspace, preload=keep_full)
-    if work != data.box:
-        data = data.downsampled(work, progress=prog("Fourier-cropping the particles"))
-        log(f"particles Fourier-cropped to {work} px ({data.pixel_size_A:.2f} Å pixels)")
-    if workspace is not None:
-        log(f"working images: {data.describe()} (budget --max-memory {format_bytes(workspace.max_bytes)})")
     signature = _signature(star, cfg, seed) if workdir else None
     state_path = Path(workdir) / "state.npz" if workdir else None
     checkpoint = Path(workdir) / CONSENSUS_CHECKPOINT if workdir else None
@@ -437,10 +436,24 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
         _save_state(state_path, STAGE_STARTED, signature, history)
     elif stage >= STAGE_CONSENSUS:
         log(f"resumed from {state_path} after {_stage_name(stage, cfg.rounds)}")
+    if stage == STAGE_STARTED:  # before the images are loaded (see initial_consensus)
+        model = initial_consensus(star, cfg, seed, device, log, progress_factory, world)
+    work = working_box(cfg.resize, star.box_size, star.pixel_size, WORKING_PIXEL_A)
+    keep_full = None  # no workspace: in RAM up to 2 GB
+    if workspace is not None:
+        n, box = len(star), star.box_size
+        needed = work == box or cfg.final_epochs > 0
+        keep_full = needed and workspace.fits(n * box * box * 4 + (n * work * work * 4 if work != box else 0))
+    full = data = ParticleData.from_star(star, None, device, use_ctf=True, workspace=workspace, preload=keep_full)
+    if work != data.box:
+        data = data.downsampled(work, progress=prog("Fourier-cropping the particles"))
+        log(f"particles Fourier-cropped to {work} px ({data.pixel_size_A:.2f} Å pixels)")
+    if workspace is not None:
+        log(f"working images: {data.describe()} (budget --max-memory {format_bytes(workspace.max_bytes)})")
     corrections = None
     if stage == STAGE_STARTED:
-        model, corrections = consensus_model(star, data, cfg, seed, device, log, progress_factory, checkpoint,
-                                             signature, world)
+        model, corrections = consensus_model(star, data, model, cfg, seed, device, log, progress_factory,
+                                             checkpoint, signature, world)
         if state_path:
             arrays = {"consensus_centres_A": model.centres_A, "consensus_amplitudes": model.amplitudes,
                       "consensus_sigmas_A": model.sigmas_A, "consensus_cholesky_A": model.cholesky_A}

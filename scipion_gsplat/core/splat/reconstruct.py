@@ -265,6 +265,10 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     rows = half_rows(star, halves)
     stacks = reader.stack_files()
     prog = progress_factory or (lambda label: None)
+    # the initial reconstruction first: its padded grids (about 3 GB at 256 px) are freed before the
+    # images are loaded under the budget, so the two are never in memory together
+    models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
+                                          prog("initial reconstruction"), world)
     preload = None if workspace is None else workspace.fits(len(star) * box * box * 4)  # both halves at once
     datas = [ParticleData.from_star(star, r, device, use_ctf, reader=reader, workspace=workspace, preload=preload)
              for r in rows]
@@ -272,8 +276,6 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         log(f"particle images: {sum(len(d) for d in datas)} × {box}² px, "
             f"{'in memory' if preload else 'read from the stacks per batch'} (budget --max-memory "
             f"{format_bytes(workspace.max_bytes)})")
-    models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
-                                          prog("initial reconstruction"), world)
     for note in notes:
         if log:
             log(f"note: {note}")
