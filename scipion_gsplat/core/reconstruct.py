@@ -26,7 +26,7 @@ import torch
 
 from .ctf import ctf_2d
 from .fourier import as_tensor, image_rfft, shift_phase
-from .fsc import fsc_curve
+from .fsc import fsc_curve, shell_index
 from .io import ImageReader, InputError, ParticleStar
 from .masks import soft_sphere
 from .symmetry import expand_poses
@@ -228,10 +228,7 @@ def _slabs(shape: tuple) -> list:
 def _padded_shells(size: int, zs: slice, device) -> torch.Tensor:
     """Shell radius (in units of the unpadded box) of the voxels ``zs`` of the
     padded ``(size, size, size//2+1)`` grid (z and y fftshifted)."""
-    full = torch.fft.fftshift(torch.fft.fftfreq(size, d=1.0 / size, device=device))
-    last = torch.fft.rfftfreq(size, d=1.0 / size, device=device)
-    kz, ky, kx = torch.meshgrid(full[zs], full, last, indexing="ij")
-    return torch.sqrt(kz ** 2 + ky ** 2 + kx ** 2).to(torch.float32) / PAD
+    return shell_index(size, rfft=True, fftshifted=True, device=device, zs=zs) / PAD
 
 
 def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0) -> np.ndarray:
