@@ -209,7 +209,7 @@ def consensus_model(star: ParticleStar, data: ParticleData, model: GaussianModel
             corrections = (np.asarray(res.pose_omega, np.float64), np.asarray(res.pose_shift_A, np.float64))
     if cfg.refine_poses and not joint:
         corrections = search_corrections(star, model, data.box, cfg.sigma_ang_deg, cfg.sigma_shift_A,
-                                         device, log, workspace=data.workspace)
+                                         device, log, workspace=data.workspace, world=world)
     if corrections is not None:
         s = correction_summary(*corrections, data.pixel_size_A * data.box / star.box_size)
         log(f"poses refined against the consensus ({cfg.pose_method}): median change "
@@ -408,7 +408,7 @@ def run_heterogeneity(star: ParticleStar, cfg: HeterogeneityConfig, seed: int = 
 
     ``world``: ranks sharing the work (:mod:`..distributed`): the fits share each
     minibatch, the per-particle stages (gradients, coordinates) split the
-    particles; the local pose searches run on every rank. Only rank 0 logs and
+    particles, and so do the local pose searches. Only rank 0 logs and
     writes the state."""
     t0 = time.time()
     world = world or World()

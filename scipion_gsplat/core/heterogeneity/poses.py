@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..distributed import World
 from ..io import ImageReader, ParticleStar
 from ..particle_spectra import load_spectra, noise_spectrum
 from ..splat.model import GaussianModel
@@ -34,17 +35,21 @@ SEARCH_LEVELS = 2
 
 def search_corrections(star: ParticleStar, model: GaussianModel, work_box: int, sigma_ang_deg: float,
                        sigma_shift_A: float, device="cpu", log: Optional[Callable[[str], None]] = None,
-                       workspace=None) -> tuple[np.ndarray, np.ndarray]:
+                       workspace=None, world: Optional[World] = None) -> tuple[np.ndarray, np.ndarray]:
     """Local grid search of every particle of ``star`` against the consensus
     ``model`` voxelised at ``work_box`` pixels (σ 0 keeps that part fixed: a
     tiny σ is searched, which the prior pins to zero). ``workspace``: the
     memory budget of the spectra (:func:`..particle_spectra.load_spectra`).
+    ``world``: several ranks each search their contiguous share of the
+    particles (the noise spectrum is summed over all of them) and every rank
+    gets all the corrections.
 
     Returns:
-        ``(omega (M, 3) rad, shift_A (M, 2) Å)`` float64.
+        ``(omega (M, 3) rad, shift_A (M, 2) Å)`` float64, in STAR order.
     """
     from ..poses.local_search import LocalSearch, refine_poses
-    spectra = load_spectra(star, ImageReader(star), work_box, device, workspace=workspace, log=log)
+    spectra = load_spectra(star, ImageReader(star), work_box, device, workspace=workspace, log=log,
+                           world=world if world is not None and world.size > 1 else None)
     # the model renders images that sum to its amplitude at the working pixel (ParticleData's
     # convention, pixel values × (box/work)² after cropping); the cropped spectra keep the
     # real-space pixel values: scale the map to them
@@ -53,7 +58,9 @@ def search_corrections(star: ParticleStar, model: GaussianModel, work_box: int, 
     search = LocalSearch(sigma_ang_deg=max(sigma_ang_deg, 1e-3), sigma_shift_A=max(sigma_shift_A, 1e-3),
                          levels=SEARCH_LEVELS)
     upd = refine_poses(spectra, ref, sigma2, search, progress=log)
-    omega, shift = np.asarray(upd.omega, np.float64), np.asarray(upd.delta_origin_A, np.float64)
+    omega, _ = spectra.gather_rows(np.asarray(upd.omega, np.float64))
+    shift, _ = spectra.gather_rows(np.asarray(upd.delta_origin_A, np.float64))
+    omega, shift = np.array(omega, np.float64), np.array(shift, np.float64)
     if sigma_ang_deg <= 0:
         omega[:] = 0.0
     if sigma_shift_A <= 0:

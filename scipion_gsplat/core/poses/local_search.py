@@ -376,7 +376,8 @@ def reference_scale(data: ParticleSpectra, reference: np.ndarray, rows: Optional
     """Least-squares scale ``a`` of a map against the particles at their poses:
     ``a = Σ Re(X·conj(c·P)) / Σ |c·P|²`` over shells ``1 … max_shell``. The
     likelihood assumes ``X = c·P + noise`` at the map's own scale; a map from
-    elsewhere (another program, EMDB) is multiplied by ``a`` first."""
+    elsewhere (another program, EMDB) is multiplied by ``a`` first. Sharded
+    ``data``: the sums run over every rank's particles."""
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     shells = data.shells()
     keep = (shells >= 1) & (shells <= max_shell_of(data.box, data.pixel_size_A, max_res_A))
@@ -386,6 +387,8 @@ def reference_scale(data: ParticleSpectra, reference: np.ndarray, rows: Optional
         cp = (data.ctf[idx] * proj)[:, keep]
         num += float((data.spectra[idx][:, keep] * cp.conj()).real.double().sum())
         den += float((cp.abs() ** 2).double().sum())
+    if data.sharded:
+        num, den = (float(v) for v in data.sum_over_ranks(np.array([num, den])))
     if not (den > 0):
         raise InputError("local pose search: the reference is empty (all zero) at the scored resolutions")
     return num / den
@@ -394,19 +397,21 @@ def reference_scale(data: ParticleSpectra, reference: np.ndarray, rows: Optional
 def half_maps(data: ParticleSpectra, chunk: int = 1024) -> tuple[list, np.ndarray]:
     """Half maps ``[z, y, x]`` (working box) of half sets 1 and 2 at the current
     poses, each filtered by the FSC between them (``FSC`` clipped to
-    ``[0, 0.999]``, as the two-class refinement does), and the FSC ``(m//2+1,)``."""
+    ``[0, 0.999]``, as the two-class refinement does), and the FSC ``(m//2+1,)``.
+    Sharded ``data``: every rank inserts its particles and gets the maps of all."""
     from ..fsc import apply_shell_filter, fsc_curve
     from ..reconstruct import FourierAccumulator
     maps = []
     for h in (1, 2):
         rows = np.flatnonzero(data.half == h)
-        if len(rows) == 0:
+        if data.sum_over_ranks(len(rows)) == 0:
             raise InputError(f"half set {h} is empty: gold-standard iterations need both half sets")
         acc = FourierAccumulator(data.box, data.pixel_size_A, data.device)
         for s in range(0, len(rows), chunk):
             r = rows[s:s + chunk]
             idx = torch.as_tensor(r, device=data.device)
             acc.insert_spectra(data.spectra[idx], data.poses[r], data.ctf[idx])
+        acc.all_reduce(data.world)
         maps.append(acc.solve())
     _, fsc = fsc_curve(maps[0], maps[1], data.pixel_size_A)
     f = np.clip(fsc, 0.0, 0.999)
@@ -424,7 +429,9 @@ def refine_iteratively(data: ParticleSpectra, reference: Optional[np.ndarray], s
     FSC-filtered (:func:`half_maps`), and each half set is aligned against its
     own half map only. With ``reference=None`` every pass is gold standard
     (half maps from the input poses first). The noise spectrum is re-estimated
-    against each pass's reference(s).
+    against each pass's reference(s). Sharded ``data``
+    (:func:`..particle_spectra.load_spectra` with ``world``): each rank
+    searches its own particles; maps, scale and noise come from all of them.
 
     Returns:
         ``(total, maps, info)``: ``total`` the corrections summed over the passes

@@ -197,7 +197,7 @@ def fit_inputs(star: ParticleStar, rows: np.ndarray, stack_files: list, spec: In
 
 def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rounds: int,
                device="cpu", target_pixel_A: float = 2.0,
-               log: Optional[Callable[[str], None]] = None, workspace=None) -> ParticleStar:
+               log: Optional[Callable[[str], None]] = None, workspace=None, world=None) -> ParticleStar:
     """The particles with poses refined by gold-standard local searches before any fit.
 
     Every round reconstructs the two half maps (``rlnRandomSubset``) from the
@@ -207,15 +207,22 @@ def prealigned(star: ParticleStar, reader: ImageReader, search: LocalSearch, rou
     independent. Works on Fourier-cropped spectra with a pixel of about
     ``target_pixel_A`` Å, in RAM under the budget of ``workspace``
     (:class:`..spectra_store.SpectraWorkspace`), else in its scratch folder.
+    ``world``: several ranks each read and search their share of the
+    particles (the half maps and noise spectra come from all of them); every
+    rank returns all the refined poses.
     """
     box, pix = star.box_size, star.pixel_size
     work = working_box(0, box, pix, target_pixel_A=target_pixel_A)
-    data = load_spectra(star, reader, work, device, workspace=workspace, log=log)
-    if not all(bool(torch.isfinite(torch.view_as_real(data.spectra[s:s + 4096])).all())
-               for s in range(0, len(data), 4096)):
+    data = load_spectra(star, reader, work, device, workspace=workspace, log=log,
+                        world=world if world is not None and world.size > 1 else None)
+    bad = sum(not bool(torch.isfinite(torch.view_as_real(data.spectra[s:s + 4096])).all())
+              for s in range(0, len(data), 4096))
+    if data.sum_over_ranks(bad) > 0:  # every rank stops, not only the one that read the bad images
         raise InputError(f"{star.path}: the particle images contain NaN or infinite pixels")
     total, _, _ = refine_iteratively(data, None, search, rounds, progress=log)
-    return with_poses(star, data.poses, star.shifts_A() + total.delta_origin_A)
+    poses, _ = data.gather_rows(data.poses)
+    shifts, _ = data.gather_rows(total.delta_origin_A)
+    return with_poses(star, poses, star.shifts_A() + shifts)
 
 
 def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, halves: bool = True,
@@ -237,9 +244,9 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         prealign: local searches of the poses before the fits (:func:`prealigned`,
             ``prealign_rounds`` gold-standard rounds); None: the input poses.
             The result's ``star`` holds the poses the fits started from.
-        world: ranks (:mod:`..distributed`) sharing the initial reconstruction
-            and every minibatch of the fits; the local pose searches run on
-            every rank (same result, not yet split).
+        world: ranks (:mod:`..distributed`) sharing the initial reconstruction,
+            the local pose searches (each rank its share of the particles) and
+            every minibatch of the fits.
         workspace: memory budget and scratch folder
             (:class:`..spectra_store.SpectraWorkspace`, ``--max-memory``): the
             particle images are held in RAM when all of them fit, else read from
@@ -261,7 +268,8 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
         if log:
             log(f"local pose searches before the fit: {prealign_rounds} gold-standard round(s), "
                 f"σ {prealign.sigma_ang_deg:g}° / {prealign.sigma_shift_A:.2f} Å")
-        star = prealigned(star, reader, prealign, prealign_rounds, device, log=log, workspace=workspace)
+        star = prealigned(star, reader, prealign, prealign_rounds, device, log=log, workspace=workspace,
+                          world=world)
     rows = half_rows(star, halves)
     stacks = reader.stack_files()
     prog = progress_factory or (lambda label: None)
