@@ -5,7 +5,8 @@ Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
 1. Ranks: a simulated set (``--n`` particles at ``--box`` px) is processed by
    ``gsplat_reconstruct_fourier``, ``gsplat_reconstruct_splat``,
    ``gsplat_gmm_heterogeneity`` and ``gsplat_refine_classes`` (the pooled split
-   refined, default pose search) once as one process and once as two ranks
+   refined, default pose search), and ``gsplat_reconstruct_splat`` after its
+   default local searches (``reconstruct_splat_aligned``), once as one process and once as two ranks
    (``torchrun --nproc-per-node 2``, or ``srun -N2 -n2`` with ``--srun`` on a
    Slurm queue), each rank with ``--threads 1``: wall time, speedup, peak RSS
    (all processes together) and particles per second per core. The outputs of
@@ -55,6 +56,9 @@ PROGRAMS = {
                                               "--halves"],
     "reconstruct_splat": lambda star, out: [BIN / "gsplat_reconstruct_splat", "-i", star, "-o", out, "--halves",
                                             "--n-gaussians", "2000", "--iterations", "2", "--align-rounds", "0"],
+    # the same fit after its default pre-alignment (2 gold-standard rounds of local searches, split by particle)
+    "reconstruct_splat_aligned": lambda star, out: [BIN / "gsplat_reconstruct_splat", "-i", star, "-o", out,
+                                                    "--halves", "--n-gaussians", "2000", "--iterations", "2"],
     "gmm_heterogeneity": lambda star, out: [BIN / "gsplat_gmm_heterogeneity", "-i", star, "-o", out,
                                             "--n-gaussians", "1000", "--consensus-epochs", "1", "--motions", "2",
                                             "--rounds", "1", "--frames", "3", "--classes", "2"],
@@ -63,7 +67,8 @@ PROGRAMS = {
                                          "--refine-pooled", "--iterations", "3"],
 }
 #: the map each program writes (compared between 1 and 2 ranks)
-MAPS = {"reconstruct_fourier": "map.mrc", "reconstruct_splat": "map.mrc", "gmm_heterogeneity": "consensus.mrc",
+MAPS = {"reconstruct_fourier": "map.mrc", "reconstruct_splat": "map.mrc", "reconstruct_splat_aligned": "map.mrc",
+        "gmm_heterogeneity": "consensus.mrc",
         "refine_classes": "class1.mrc"}
 
 
@@ -158,10 +163,10 @@ def throughput(star: Path, n: int, box: int, work: Path) -> dict:
 def write(out_dir: Path, rows: list, thr: dict, note: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ranks.json").write_text(json.dumps({"ranks": rows, "throughput": thr, "note": note}, indent=1))
-    lines = [f"{'program':20s} {'N':>7s} {'1 rank':>8s} {'2 ranks':>8s} {'speedup':>8s} {'RSS 1':>7s} "
+    lines = [f"{'program':26s} {'N':>7s} {'1 rank':>8s} {'2 ranks':>8s} {'speedup':>8s} {'RSS 1':>7s} "
              f"{'RSS 2':>7s} {'p/s/core 1':>10s} {'p/s/core 2':>10s} {'map diff':>9s}"]
     for r in rows:
-        lines.append(f"{r['program']:20s} {r['n']:7d} {r['wall_1']:7.1f}s {r['wall_2']:7.1f}s {r['speedup']:8.2f} "
+        lines.append(f"{r['program']:26s} {r['n']:7d} {r['wall_1']:7.1f}s {r['wall_2']:7.1f}s {r['speedup']:8.2f} "
                      f"{r['rss_1_gb']:6.2f}G {r['rss_2_gb']:6.2f}G {r['per_s_per_core_1']:10.1f} "
                      f"{r['per_s_per_core_2']:10.1f} {r['map_difference']:9.1e}")
     if thr:

@@ -76,9 +76,17 @@ class FourierAccumulator:
 
     Grid layout: ``(2n, 2n, n + 1)`` with the z and y axes fftshifted (origin at
     index ``n``) and x the non-negative rfft half.
+
+    ``double=True`` keeps the sums in float64 (24 instead of 12 bytes per padded
+    voxel; meant for working boxes) and rounds them to float32 once, in the
+    solve: the sums of several ranks' accumulators then give the map of one
+    process bit for bit (but for a float64 rounding tie), so discrete choices
+    made from the map later (the cells a local pose search refines) do not
+    depend on how the particles were split among ranks.
     """
 
-    def __init__(self, box: int, pixel_size_A: float, device="cpu", max_shell: Optional[float] = None):
+    def __init__(self, box: int, pixel_size_A: float, device="cpu", max_shell: Optional[float] = None,
+                 double: bool = False):
         self.box = box
         self.size = int(round(box * PAD))
         self.pixel_size_A = pixel_size_A
@@ -86,8 +94,8 @@ class FourierAccumulator:
         # one voxel of margin on each axis so that trilinear corners never fall outside
         self._shape = (self.size + 2, self.size + 2, self.size // 2 + 2)
         n_vox = int(np.prod(self._shape))
-        self._d = torch.zeros(n_vox, dtype=torch.complex64, device=self.device)
-        self._w = torch.zeros(n_vox, dtype=torch.float32, device=self.device)
+        self._d = torch.zeros(n_vox, dtype=torch.complex128 if double else torch.complex64, device=self.device)
+        self._w = torch.zeros(n_vox, dtype=torch.float64 if double else torch.float32, device=self.device)
         self.count = 0
         # slice samples: unshifted rfft indices of the n grid, and their frequencies
         ky = torch.fft.fftfreq(box, d=1.0 / box, device=self.device)
@@ -159,8 +167,8 @@ class FourierAccumulator:
         r = torch.einsum("pk,bkj->bpj", self._kxy, mats[:, :2, :])  # (B, P, xyz)
         flip = r[..., 0] < 0  # store the Friedel mate in the x >= 0 half
         r = torch.where(flip[..., None], -r, r)
-        dvals = torch.where(flip, dvals.conj(), dvals).reshape(-1)
-        wvals = wvals.reshape(-1)
+        dvals = torch.where(flip, dvals.conj(), dvals).reshape(-1).to(self._d.dtype)
+        wvals = wvals.reshape(-1).to(self._w.dtype)
         r[..., 1:] += self.size // 2
         f = torch.floor(r)
         t = (r - f).reshape(-1, 3)
@@ -204,7 +212,8 @@ SLAB_VOXELS = 1 << 22
 
 def _summed_grids(accs: list) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, W)`` summed over accumulators on the ``(2n, 2n, n+1)`` grid, x = 0
-    plane made Hermitian: one copy of each, however many accumulators."""
+    plane made Hermitian: one copy of each, however many accumulators
+    (complex64 / float32; float64 sums are rounded once, at the end)."""
     a0 = accs[0]
     s, h = a0.size, a0.size // 2 + 1
     d = a0._d.reshape(a0._shape)[:s, :s, :h].clone()
@@ -216,7 +225,7 @@ def _summed_grids(accs: list) -> tuple[torch.Tensor, torch.Tensor]:
     d0, w0 = d[:, :, 0].clone(), w[:, :, 0].clone()
     d[:, :, 0] = d0 + d0[mirror][:, mirror].conj()
     w[:, :, 0] = w0 + w0[mirror][:, mirror]
-    return d, w
+    return d.to(torch.complex64), w.to(torch.float32)
 
 
 def _slabs(shape: tuple) -> list:

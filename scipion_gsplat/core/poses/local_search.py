@@ -406,7 +406,7 @@ def half_maps(data: ParticleSpectra, chunk: int = 1024) -> tuple[list, np.ndarra
         rows = np.flatnonzero(data.half == h)
         if data.sum_over_ranks(len(rows)) == 0:
             raise InputError(f"half set {h} is empty: gold-standard iterations need both half sets")
-        acc = FourierAccumulator(data.box, data.pixel_size_A, data.device)
+        acc = FourierAccumulator(data.box, data.pixel_size_A, data.device, double=True)
         for s in range(0, len(rows), chunk):
             r = rows[s:s + chunk]
             idx = torch.as_tensor(r, device=data.device)

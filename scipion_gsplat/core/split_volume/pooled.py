@@ -189,7 +189,7 @@ def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, 
     v = lowpass(rng.normal(size=(m, m, m)).astype(np.float32), pix, lowpass_A) * mask
     v /= np.linalg.norm(v)
     for it in range(n_iter):
-        acc = FourierAccumulator(m, pix, data.device, max_shell=max_shell)
+        acc = FourierAccumulator(m, pix, data.device, max_shell=max_shell, double=True)
         _pass(data, v, resid, acc, PassProgress(progress, f"{label} iteration {it + 1}", len(rows)))
         acc.all_reduce(data.world)  # sharded particles: every rank's insertions (same v on each rank)
         new = lowpass(acc.solve(), pix, lowpass_A) * mask

@@ -74,7 +74,7 @@ class RefineResult:
 def _reconstruct(data: ParticleSpectra, rows: np.ndarray, weights: np.ndarray,
                  chunk: int = 1024, progress: Optional[Callable[[str], None]] = None,
                  label: str = "reconstruction") -> tuple[np.ndarray, FourierAccumulator]:
-    acc = FourierAccumulator(data.box, data.pixel_size_A, data.device)
+    acc = FourierAccumulator(data.box, data.pixel_size_A, data.device, double=True)
     ticker = PassProgress(progress, label, len(rows))
     for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
