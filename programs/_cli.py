@@ -170,10 +170,44 @@ def resolve_device(name: str) -> str:
     return name
 
 
+#: glibc's mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+#: the allocator settings of :func:`keep_freed_memory` (bytes)
+ALLOCATOR = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 64 << 20}
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed memory instead of handing it back to the kernel.
+
+    torch allocates and frees temporaries of 8–32 MB in every batch. glibc's
+    defaults give such blocks fresh pages (mmap) or return the freed top of the
+    heap to the kernel, so every batch page-faults its temporaries in again:
+    kernel time was 16 s of the 71 s of a 4,000-particle, 256 px Fourier
+    reconstruction. Here blocks up to 32 MB come from the heap, which keeps up to
+    1 GB of freed memory for the next batch (peak memory is unchanged: memory in
+    use at once is what it is). Same effect as the environment variables
+    ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` and ``MALLOC_TOP_PAD_``,
+    which, when set, are left to rule. Returns False where there is no glibc.
+    """
+    if any(f"MALLOC_{k.upper()}_" in os.environ for k in ALLOCATOR):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, ALLOCATOR["mmap_threshold"])
+    ok &= mallopt(_M_TRIM_THRESHOLD, ALLOCATOR["trim_threshold"])
+    ok &= mallopt(_M_TOP_PAD, ALLOCATOR["top_pad"])
+    return bool(ok)
+
+
 def setup_runtime(args) -> str:
-    """Apply ``--threads`` and ``--seed``; return the resolved device."""
+    """Apply ``--threads`` and ``--seed`` (and :func:`keep_freed_memory`); return the resolved device."""
     import numpy as np
     import torch
+    keep_freed_memory()
     if args.threads and args.threads > 0:
         torch.set_num_threads(args.threads)
         try:  # numpy's BLAS and OpenMP too: a rank uses its --threads, not every core (srun sets no OMP_NUM_THREADS)

@@ -303,8 +303,8 @@ def test_split_volume_runs_its_3d_refinement_as_ranks(project):
 
 
 def test_wiener_reconstruction_shares_its_solves_between_ranks(sim_small, tmp_path):
-    """With --wiener the two ranks solve one half map each per pass (and rank 0
-    the full map) and exchange them: the one-process maps and FSC."""
+    """With --wiener the two ranks share every solve of every pass (each its x
+    columns) and exchange the columns: the one-process maps and FSC."""
     from scipion_gsplat.programs import reconstruct_fourier
     star = sim_small / "particles.star"
     assert reconstruct_fourier.run(_reconstruct_cmd(star, tmp_path / "one" / "map.mrc")[1:] + ["--wiener"]) == 0

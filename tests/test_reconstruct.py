@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from scipion_gsplat.core import fourier, fsc as fscm, geometry as g, io, reconstruct
+from scipion_gsplat.core import fourier, fsc as fscm, geometry as g, io, masks, reconstruct
 from scipion_gsplat.core.symmetry import symmetry_matrices
 
 from test_fourier import gaussian_map
@@ -133,3 +133,65 @@ def test_float64_sums_do_not_depend_on_how_the_particles_were_split():
     single = reconstruct.FourierAccumulator(box, pix)  # the float32 sums: the same map within rounding
     single.insert(imgs, poses, None, None)
     assert np.allclose(single.solve(), one, atol=1e-5 * np.abs(one).max())
+
+
+class _RanksInTurn:
+    """Two or three ranks' shares of one solve run one after the other in this
+    process: ``all_reduce_`` keeps each rank's x columns and, for the last rank,
+    adds the columns of the ranks before (what the all-reduce gives every rank)."""
+
+    def __init__(self, size):
+        self.size, self.rank, self.rows = size, 0, []
+
+    def all_reduce_(self, tensor):
+        if self.rank < self.size - 1:
+            self.rows.append(tensor.clone())
+        else:
+            for other in self.rows:
+                tensor += other
+        return tensor
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_ranks_share_the_solve_by_x_columns_and_get_one_process_map(monkeypatch, size):
+    """With several ranks each divides and transforms its share of the x columns
+    only (one solve is not repeated on every rank), and the map every rank ends
+    with is one process's map bit for bit."""
+    rng = np.random.default_rng(9)
+    box, pix = 40, 2.0
+    vol, _ = blob_map(box, pix, rng)
+    poses = g.random_rotations(300, rng)
+    a = _accumulate(vol, poses[:150], pix, noise=0.3, seed=1)
+    b = _accumulate(vol, poses[150:], pix, noise=0.3, seed=2)
+    monkeypatch.setattr(reconstruct, "SLAB_VOXELS", 80 * 80 * 4)  # 4 x columns a slab: 11 slabs
+    ssnr = np.linspace(20, 0.1, box // 2 + 1)
+    one = reconstruct.solve_sums([a, b], ssnr, 1.5)
+    world = _RanksInTurn(size)
+    shares = []
+    for rank in range(size):
+        world.rank = rank
+        shares.append(reconstruct._x_share(41, 4, world))
+        out = reconstruct.solve_sums([a, b], ssnr, 1.5, world)
+    assert shares[0][0] == 0 and shares[-1][1] == 41
+    assert all(s[1] == t[0] and s[1] > s[0] for s, t in zip(shares, shares[1:]))  # contiguous, none empty
+    assert np.array_equal(out, one)
+
+
+@pytest.mark.parametrize("box, ndim", [(64, 3), (65, 2)])
+def test_soft_sphere_is_one_inside_zero_outside_and_a_cosine_between(box, ndim):
+    """The solve's final mask (RELION's softMaskOutsideMap): 1 up to the radius,
+    0.5 + 0.5·cos(π·t) over the edge (t = (r − radius)/edge), 0 beyond."""
+    radius, edge = box / 2 - 8.5, 5.0
+    mask = masks.soft_sphere(box, radius, edge, ndim)
+    assert mask.shape == (box,) * ndim and mask.dtype == np.float32
+    c = box // 2
+    line = mask[(c,) * (ndim - 1)]  # the x axis through the centre: r = |x − c|
+    r = np.abs(np.arange(box) - c)
+    expected = np.where(r <= radius, 1.0, np.where(r >= radius + edge, 0.0,
+                        0.5 + 0.5 * np.cos(np.pi * (r - radius) / edge)))
+    np.testing.assert_allclose(line, expected, atol=1e-6)
+    assert set(np.unique(line[r <= radius])) == {1.0} and set(np.unique(line[r >= radius + edge])) == {0.0}
+    corner = mask[(0,) * ndim]
+    assert corner == 0.0 and mask.sum() < box ** ndim  # corners cut
+    centred = mask[(slice(1, None),) * ndim] if box % 2 == 0 else mask  # symmetric about the centre
+    np.testing.assert_array_equal(centred, np.flip(centred))

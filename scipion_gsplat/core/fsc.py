@@ -104,20 +104,21 @@ def fsc_auc(fsc: np.ndarray) -> float:
 
 
 def shell_index(size: int, rfft: bool = True, fftshifted: bool = True, device=None,
-                zs: slice = slice(None)) -> torch.Tensor:
+                zs: slice = slice(None), xs: slice = slice(None)) -> torch.Tensor:
     """Radius in Fourier pixels of each voxel of a 3D transform of a ``size`` box.
 
     Args:
         rfft: grid is ``(size, size, size//2 + 1)`` (else ``size³``).
         fftshifted: the full axes have the origin at index ``size//2``.
         zs: only these z planes (a slab of the grid, to bound memory).
+        xs: only these x columns (the last axis).
 
     Returns:
-        float32 tensor of the grid's shape (``zs`` planes along z).
+        float32 tensor of the grid's shape (``zs`` planes along z, ``xs`` along x).
     """
     full = torch.fft.fftfreq(size, d=1.0 / size, device=device)
     if fftshifted:
         full = torch.fft.fftshift(full)
     last = torch.fft.rfftfreq(size, d=1.0 / size, device=device) if rfft else full
-    kz, ky, kx = torch.meshgrid(full[zs], full, last, indexing="ij")
+    kz, ky, kx = torch.meshgrid(full[zs], full, last[xs], indexing="ij")
     return torch.sqrt(kz ** 2 + ky ** 2 + kx ** 2).to(torch.float32)

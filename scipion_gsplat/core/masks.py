@@ -6,8 +6,11 @@ import numpy as np
 
 def radial_distance_px(box: int, ndim: int = 3) -> np.ndarray:
     """Distance (pixels) of each voxel from the box centre (index ``box // 2``)."""
-    axes = np.meshgrid(*([np.arange(box) - box // 2] * ndim), indexing="ij")
-    return np.sqrt(sum(a.astype(np.float64) ** 2 for a in axes))
+    sq = (np.arange(box, dtype=np.float64) - box // 2) ** 2
+    r2 = sq
+    for axis in range(1, ndim):  # (z² + y²) + x² by broadcasting: no full-size coordinate grids
+        r2 = r2[..., None] + sq.reshape((1,) * axis + (box,))
+    return np.sqrt(r2)
 
 
 def soft_sphere(box: int, radius_px: float, edge_px: float = 3.0, ndim: int = 3) -> np.ndarray:
@@ -17,9 +20,11 @@ def soft_sphere(box: int, radius_px: float, edge_px: float = 3.0, ndim: int = 3)
     Returns:
         float32 array ``(box,)*ndim``.
     """
-    r = radial_distance_px(box, ndim)
-    t = np.clip((r - radius_px) / max(edge_px, 1e-6), 0.0, 1.0)
-    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+    t = (radial_distance_px(box, ndim) - radius_px) / max(edge_px, 1e-6)
+    mask = (t <= 0).astype(np.float32)
+    edge = (t > 0) & (t < 1)  # the cosine only where it is neither 1 nor 0
+    mask[edge] = 0.5 + 0.5 * np.cos(np.pi * t[edge])
+    return mask
 
 
 def mask_from_map(vol: np.ndarray, pixel_size_A: float, lowpass_A: float = 15.0,

@@ -210,21 +210,25 @@ class FourierAccumulator:
 SLAB_VOXELS = 1 << 22
 
 
-def _summed_grids(accs: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _summed_grids(accs: list, xs: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, W)`` summed over accumulators on the ``(2n, 2n, n+1)`` grid, x = 0
     plane made Hermitian: one copy of each, however many accumulators
-    (complex64 / float32; float64 sums are rounded once, at the end)."""
+    (complex64 / float32; float64 sums are rounded once, at the end).
+    ``D`` only for the x columns ``xs`` (a rank's share of the solve)."""
     a0 = accs[0]
     s, h = a0.size, a0.size // 2 + 1
-    d = a0._d.reshape(a0._shape)[:s, :s, :h].clone()
+    x0 = range(h)[xs].start if len(range(h)[xs]) else h
+    d = a0._d.reshape(a0._shape)[:s, :s, :h][:, :, xs].clone()
     w = a0._w.reshape(a0._shape)[:s, :s, :h].clone()
     for a in accs[1:]:
-        d += a._d.reshape(a._shape)[:s, :s, :h]
+        d += a._d.reshape(a._shape)[:s, :s, :h][:, :, xs]
         w += a._w.reshape(a._shape)[:s, :s, :h]
     mirror = (s - torch.arange(s, device=a0.device)) % s  # index of −k on a shifted axis
-    d0, w0 = d[:, :, 0].clone(), w[:, :, 0].clone()
-    d[:, :, 0] = d0 + d0[mirror][:, mirror].conj()
+    w0 = w[:, :, 0].clone()
     w[:, :, 0] = w0 + w0[mirror][:, mirror]
+    if x0 == 0 and d.shape[2] > 0:
+        d0 = d[:, :, 0].clone()
+        d[:, :, 0] = d0 + d0[mirror][:, mirror].conj()
     return d.to(torch.complex64), w.to(torch.float32)
 
 
@@ -234,13 +238,23 @@ def _slabs(shape: tuple) -> list:
     return [slice(z, min(z + step, shape[0])) for z in range(0, shape[0], step)]
 
 
-def _padded_shells(size: int, zs: slice, device) -> torch.Tensor:
-    """Shell radius (in units of the unpadded box) of the voxels ``zs`` of the
+def _padded_shells(size: int, zs: slice, device, xs: slice = slice(None)) -> torch.Tensor:
+    """Shell radius (in units of the unpadded box) of the voxels ``zs, :, xs`` of the
     padded ``(size, size, size//2+1)`` grid (z and y fftshifted)."""
-    return shell_index(size, rfft=True, fftshifted=True, device=device, zs=zs) / PAD
+    return shell_index(size, rfft=True, fftshifted=True, device=device, zs=zs, xs=xs) / PAD
 
 
-def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0) -> np.ndarray:
+def _x_share(n_x: int, step: int, world) -> tuple:
+    """The x columns ``[x0, x1)`` of a rank's share of the solve (whole slabs of ``step``
+    columns, so that every inverse transform is the one of a single process)."""
+    n_slabs = -(-n_x // step)
+    if world is None or world.size == 1:
+        return 0, n_x
+    lo, hi = (n_slabs * world.rank) // world.size, (n_slabs * (world.rank + 1)) // world.size
+    return min(lo * step, n_x), min(hi * step, n_x)
+
+
+def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0, world=None) -> np.ndarray:
     """Real-space map ``[z, y, x]`` (box ``n``) from the summed sums of ``accs``.
 
     ``V = D / max(W + W̄/(fudge·SSNR), W̄/1000)`` voxel by voxel, then the
@@ -260,11 +274,18 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
         accs: accumulators of one box (their sums are added, e.g. two half sets).
         ssnr: ``(n//2 + 1,)`` SSNR per unpadded shell for a Wiener term, or None.
         fudge: RELION's tau2_fudge (>1 trusts the data more).
+        world: ranks that all hold the same (summed) accumulators share the
+            work: each divides and transforms its share of the x columns, and
+            every rank gets the whole map, the same bits as one process's.
     """
     a0 = accs[0]
     box, size, dev = a0.box, a0.size, a0.device
-    data, w = _summed_grids(accs)
-    slabs = _slabs(tuple(data.shape))
+    n_x = size // 2 + 1
+    step = max(1, SLAB_VOXELS // (size * size))
+    x0, x1 = _x_share(n_x, step, world)
+    xs = slice(x0, x1)
+    data, w = _summed_grids(accs, xs)  # data: this rank's x columns only
+    slabs = _slabs(tuple(w.shape))
     nshell = box // 2 + 1
     total = torch.zeros(nshell, device=dev)
     count = torch.zeros(nshell, device=dev)
@@ -276,9 +297,9 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
     if ssnr is not None:
         s = torch.as_tensor(np.maximum(ssnr, 1e-4) * fudge, device=dev, dtype=torch.float32)
         extra = wmean / s
-    for zs in slabs:  # D / max(W [+ W̄/SSNR], W̄/1000), in place
-        shell = _padded_shells(size, zs, dev)
-        ws = w[zs] if ssnr is None else w[zs] + _interp_shells(extra, shell)
+    for zs in slabs:  # D / max(W [+ W̄/SSNR], W̄/1000), in place (this rank's x columns)
+        shell = _padded_shells(size, zs, dev, xs)
+        ws = w[zs, :, xs] if ssnr is None else w[zs, :, xs] + _interp_shells(extra, shell)
         floor = _interp_shells(wmean / 1000.0, shell).clamp(min=1e-20)
         vol = data[zs] / torch.maximum(ws, floor)
         data[zs] = torch.where(shell <= box / 2, vol, torch.zeros_like(vol))
@@ -286,12 +307,13 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
     # the central n voxels of the fftshifted padded real axes, as indices of the unshifted axis
     lo = size // 2 - box // 2
     keep = (torch.arange(lo, lo + box, device=dev) - size // 2) % size
-    rows = torch.empty((box, box, data.shape[2]), dtype=data.dtype, device=dev)
-    step = max(1, SLAB_VOXELS // (size * size))
-    for x in range(0, data.shape[2], step):  # inverse transform along z and y, x slab by slab
-        part = torch.fft.ifftn(torch.fft.ifftshift(data[:, :, x:x + step], dim=(0, 1)), dim=(0, 1))
+    rows = torch.zeros((box, box, n_x), dtype=data.dtype, device=dev)
+    for x in range(x0, x1, step):  # inverse transform along z and y, x slab by slab
+        part = torch.fft.ifftn(torch.fft.ifftshift(data[:, :, x - x0:x - x0 + step], dim=(0, 1)), dim=(0, 1))
         rows[:, :, x:x + step] = part[keep][:, keep]
-    del data, part
+    del data
+    if world is not None and world.size > 1:  # every rank's columns (zeros elsewhere) to every rank
+        world.all_reduce_(rows)
     real = torch.fft.irfft(rows, n=size, dim=2)[:, :, keep]  # (n, n, n), centred
     del rows
     sinc = torch.sinc(torch.fft.fftshift(torch.fft.fftfreq(size, device=dev)))[lo:lo + box]
@@ -356,59 +378,25 @@ def backproject_halves(star: ParticleStar, reader: ImageReader, symmetry: str = 
     return accs
 
 
-def _solve_shared(tasks: list, world) -> list:
-    """Run the solves ``tasks`` (:class:`_Solve`, each giving a float32 map) split over
-    the ranks of ``world``, task ``i`` on rank ``i mod size``; every rank gets
-    every map (broadcast from the rank that solved it)."""
-    if world is None or world.size == 1:
-        return [task() for task in tasks]
-    out = []
-    for i, task in enumerate(tasks):
-        owner = i % world.size
-        vol = torch.from_numpy(np.ascontiguousarray(task(), np.float32)) if world.rank == owner else None
-        out.append(vol)
-    for i, vol in enumerate(out):  # after all solves, so that the ranks solve at the same time
-        owner = i % world.size
-        shape = (tasks[i].box,) * 3
-        t = vol if vol is not None else torch.empty(shape, dtype=torch.float32)
-        if world.backend == "nccl":
-            t = t.cuda()
-        out[i] = world.broadcast_(t, owner).cpu().numpy()
-    return out
-
-
-class _Solve:
-    """One map to solve from accumulator sums (a task of :func:`_solve_shared`)."""
-
-    def __init__(self, accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0):
-        self.accs, self.ssnr, self.fudge, self.box = accs, ssnr, fudge, accs[0].box
-
-    def __call__(self) -> np.ndarray:
-        return solve_sums(self.accs, self.ssnr, self.fudge)
-
-
 def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: bool = False,
                  fudge: float = 1.0, n_passes: int = 2, world=None) -> Reconstruction:
     """Half maps, full map and half-map FSC from two accumulators.
 
-    ``world``: ranks that all hold the summed accumulators: they share the
-    solves (two ranks: half 1 and the full map on rank 0, half 2 on rank 1)
-    and every rank gets every map."""
+    ``world``: ranks that all hold the summed accumulators: they share
+    every solve (:func:`solve_sums`) and every rank gets every map."""
     pix = acc1.pixel_size_A
-    halves = [_Solve([acc1]), _Solve([acc2])]
-    maps = _solve_shared(halves if wiener else halves + [_Solve([acc1, acc2])], world)
-    h1, h2 = maps[:2]
+    h1, h2 = solve_sums([acc1], world=world), solve_sums([acc2], world=world)
     freq, fsc = fsc_curve(h1, h2, pix)
     if wiener:
         for _ in range(n_passes):
             f = np.clip(fsc, 1e-4, 0.999)
             ssnr_half = f / (1 - f)
-            h1, h2 = _solve_shared([_Solve([acc1], ssnr_half, fudge), _Solve([acc2], ssnr_half, fudge)], world)
+            h1, h2 = (solve_sums([acc], ssnr_half, fudge, world) for acc in (acc1, acc2))
             freq, fsc = fsc_curve(h1, h2, pix)
         f = np.clip(fsc, 1e-4, 0.999)
-        vol, = _solve_shared([_Solve([acc1, acc2], 2 * f / (1 - f), fudge)], world)
+        vol = solve_sums([acc1, acc2], 2 * f / (1 - f), fudge, world)
     else:
-        vol = maps[2]
+        vol = solve_sums([acc1, acc2], world=world)
     return Reconstruction(vol, h1, h2, fsc, freq, pix, acc1.count + acc2.count,
                           (acc1.count, acc2.count))
 
