@@ -1,4 +1,6 @@
 """Fourier reconstruction, FSC and symmetry, on noise-free and noisy projections."""
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -135,20 +137,41 @@ def test_float64_sums_do_not_depend_on_how_the_particles_were_split():
     assert np.allclose(single.solve(), one, atol=1e-5 * np.abs(one).max())
 
 
-class _RanksInTurn:
-    """Two or three ranks' shares of one solve run one after the other in this
-    process: ``all_reduce_`` keeps each rank's x columns and, for the last rank,
-    adds the columns of the ranks before (what the all-reduce gives every rank)."""
+class _ThreadRanks:
+    """Ranks of one solve as threads of this process; ``all_reduce_`` gives every
+    rank the sum of all ranks' tensors (added in rank order), as gloo does."""
 
     def __init__(self, size):
-        self.size, self.rank, self.rows = size, 0, []
+        self.size, self._local = size, threading.local()
+        self._barrier, self._slots = threading.Barrier(size, timeout=60), [None] * size
+
+    @property
+    def rank(self):
+        return self._local.rank
+
+    def run(self, fn):
+        """``fn()`` on every rank at once; the results by rank."""
+        results = [None] * self.size
+
+        def one(rank):
+            self._local.rank = rank
+            results[rank] = fn()
+
+        threads = [threading.Thread(target=one, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
 
     def all_reduce_(self, tensor):
-        if self.rank < self.size - 1:
-            self.rows.append(tensor.clone())
-        else:
-            for other in self.rows:
-                tensor += other
+        self._slots[self.rank] = tensor.clone()
+        self._barrier.wait()
+        total = self._slots[0].clone()
+        for other in self._slots[1:]:
+            total += other
+        self._barrier.wait()
+        tensor.copy_(total)
         return tensor
 
 
@@ -166,15 +189,12 @@ def test_ranks_share_the_solve_by_x_columns_and_get_one_process_map(monkeypatch,
     monkeypatch.setattr(reconstruct, "SLAB_VOXELS", 80 * 80 * 4)  # 4 x columns a slab: 11 slabs
     ssnr = np.linspace(20, 0.1, box // 2 + 1)
     one = reconstruct.solve_sums([a, b], ssnr, 1.5)
-    world = _RanksInTurn(size)
-    shares = []
-    for rank in range(size):
-        world.rank = rank
-        shares.append(reconstruct._x_share(41, 4, world))
-        out = reconstruct.solve_sums([a, b], ssnr, 1.5, world)
+    world = _ThreadRanks(size)
+    shares = world.run(lambda: reconstruct._x_share(41, 4, world))
     assert shares[0][0] == 0 and shares[-1][1] == 41
     assert all(s[1] == t[0] and s[1] > s[0] for s, t in zip(shares, shares[1:]))  # contiguous, none empty
-    assert np.array_equal(out, one)
+    outs = world.run(lambda: reconstruct.solve_sums([a, b], ssnr, 1.5, world))
+    assert all(np.array_equal(out, one) for out in outs)
 
 
 @pytest.mark.parametrize("box, ndim", [(64, 3), (65, 2)])
