@@ -84,16 +84,24 @@ def test_reconstruct_particles_half_maps(sim_small):
     assert fscm.fsc_auc(fscm.fsc_curve(wien.full, truth, star.pixel_size)[1]) > 0.8
 
 
+def _two_noisy_accumulators(seed: int, box: int, n: int, n_first: int):
+    """A blob map and random poses, two accumulators of noisy projections of it
+    (the first ``n_first`` poses and the rest; 2 Å pixels) and an SSNR curve for a
+    Wiener solve: ``(vol, poses, a, b, ssnr)``."""
+    rng = np.random.default_rng(seed)
+    pix = 2.0
+    vol, _ = blob_map(box, pix, rng)
+    poses = g.random_rotations(n, rng)
+    a = _accumulate(vol, poses[:n_first], pix, noise=0.3, seed=1)
+    b = _accumulate(vol, poses[n_first:], pix, noise=0.3, seed=2)
+    return vol, poses, a, b, np.linspace(20, 0.1, box // 2 + 1)
+
+
 def test_solve_by_slabs_and_of_summed_accumulators(monkeypatch):
     """The solve works slab by slab (bounded memory): the map does not depend on
     the slab size, and solving two accumulators together equals solving their sum."""
-    rng = np.random.default_rng(5)
-    box, pix = 33, 2.0
-    vol, _ = blob_map(box, pix, rng)
-    poses = g.random_rotations(200, rng)
-    a = _accumulate(vol, poses[:120], pix, noise=0.3, seed=1)
-    b = _accumulate(vol, poses[120:], pix, noise=0.3, seed=2)
-    ssnr = np.linspace(20, 0.1, box // 2 + 1)
+    pix = 2.0
+    vol, poses, a, b, ssnr = _two_noisy_accumulators(5, box=33, n=200, n_first=120)
     whole = reconstruct.solve_sums([a, b], ssnr, 1.5)
     monkeypatch.setattr(reconstruct, "SLAB_VOXELS", 3000)  # ~1 z plane per slab
     monkeypatch.setattr(reconstruct, "SCATTER_SAMPLES", 500)
@@ -180,14 +188,8 @@ def test_ranks_share_the_solve_by_x_columns_and_get_one_process_map(monkeypatch,
     """With several ranks each divides and transforms its share of the x columns
     only (one solve is not repeated on every rank), and the map every rank ends
     with is one process's map bit for bit."""
-    rng = np.random.default_rng(9)
-    box, pix = 40, 2.0
-    vol, _ = blob_map(box, pix, rng)
-    poses = g.random_rotations(300, rng)
-    a = _accumulate(vol, poses[:150], pix, noise=0.3, seed=1)
-    b = _accumulate(vol, poses[150:], pix, noise=0.3, seed=2)
+    _, _, a, b, ssnr = _two_noisy_accumulators(9, box=40, n=300, n_first=150)
     monkeypatch.setattr(reconstruct, "SLAB_VOXELS", 80 * 80 * 4)  # 4 x columns a slab: 11 slabs
-    ssnr = np.linspace(20, 0.1, box // 2 + 1)
     one = reconstruct.solve_sums([a, b], ssnr, 1.5)
     world = _ThreadRanks(size)
     shares = world.run(lambda: reconstruct._x_share(41, 4, world))

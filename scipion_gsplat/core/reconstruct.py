@@ -221,14 +221,13 @@ class FourierAccumulator:
 SLAB_VOXELS = 1 << 22
 
 
-def _summed_grids(accs: list, xs: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(D, W)`` summed over accumulators on the x columns ``xs`` of the
-    ``(2n, 2n, n+1)`` grid (a rank's share of the solve; all of it by default),
-    x = 0 plane made Hermitian: one copy of each, however many accumulators
+def _summed_grids(accs: list, x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D, W)`` summed over accumulators on the x columns ``[x0, x1)`` of the
+    ``(2n, 2n, n+1)`` grid (a rank's share of the solve), x = 0 plane made
+    Hermitian: one copy of each, however many accumulators
     (complex64 / float32; float64 sums are rounded once, at the end)."""
     a0 = accs[0]
-    s, h = a0.size, a0.size // 2 + 1
-    x0 = range(h)[xs].start if len(range(h)[xs]) else h
+    s, h, xs = a0.size, a0.size // 2 + 1, slice(x0, x1)
     d = a0._d.reshape(a0._shape)[:s, :s, :h][:, :, xs].clone()
     w = a0._w.reshape(a0._shape)[:s, :s, :h][:, :, xs].clone()
     for a in accs[1:]:
@@ -316,7 +315,7 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
     step = max(1, SLAB_VOXELS // (size * size))
     x0, x1 = _x_share(n_x, step, world)
     xs = slice(x0, x1)
-    data, w = _summed_grids(accs, xs)  # this rank's x columns only
+    data, w = _summed_grids(accs, x0, x1)  # this rank's x columns only
     wmean = _shell_means(w, size, box, x0, step, world)
     if ssnr is not None:
         s = torch.as_tensor(np.maximum(ssnr, 1e-4) * fudge, device=dev, dtype=torch.float32)
