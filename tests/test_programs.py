@@ -118,27 +118,28 @@ def test_reconstruct_wrong_box(tmp_path, sim_small, capsys):
 
 _FAULTS_SCRIPT = """
 import resource, sys
-import numpy as np, torch
-torch.set_num_threads(1)
+import numpy as np
 from scipion_gsplat.programs._cli import keep_freed_memory
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
-from scipion_gsplat.core.geometry import random_rotations
-from scipion_gsplat.core.reconstruct import FourierAccumulator
-acc = FourierAccumulator(128, 1.5)
-images = torch.randn(64, 128, 128, generator=torch.Generator().manual_seed(0))
-poses = random_rotations(64, np.random.default_rng(0))
-acc.insert(images, poses, None, None)  # the grid voxels these poses touch are paged in once
+def batch():
+    # the pattern of one back-projection batch: several temporaries of 8-32 MB
+    # alive at once, then all freed (torch's CPU tensors come from the same malloc)
+    temporaries = [np.ones(3 << 20, dtype=np.float32) for _ in range(3)]
+    return sum(float(t[::1024].sum()) for t in temporaries)
+batch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    acc.insert(images, poses, None, None)
+for _ in range(5):
+    batch()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 def test_programs_reuse_freed_memory_instead_of_faulting_it_in_again(tmp_path):
-    """Every batch of a back-projection frees and re-allocates the same temporaries:
-    with the programs' allocator settings they are not page-faulted in again."""
+    """Every batch of a back-projection frees and re-allocates temporaries of 8-32 MB:
+    with glibc's defaults the freed top of the heap goes back to the kernel and the
+    next batch faults it in again (5 batches of 3 x 12 MB: ~5,500 page faults); with the
+    programs' allocator settings the memory is reused (no faults)."""
     import os
     import subprocess
     import sys
@@ -148,4 +149,5 @@ def test_programs_reuse_freed_memory_instead_of_faulting_it_in_again(tmp_path):
     faults = {mode: int(subprocess.run([sys.executable, str(script), mode], env=env, check=True,
                                        capture_output=True, text=True).stdout.split()[-1])
               for mode in ("default", "tuned")}
-    assert faults["tuned"] < 0.25 * faults["default"], faults
+    assert faults["default"] > 1000, faults  # glibc gives memory back; it is faulted in again
+    assert faults["tuned"] < 0.05 * faults["default"], faults
