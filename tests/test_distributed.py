@@ -104,16 +104,19 @@ def test_the_protocols_mpi_field_starts_ranks(project, sim_small):
 
 
 _LEAVE_SCRIPT = """
+import os
 import time
 import torch
 from scipion_gsplat.core import distributed
+def say(text):  # one write per line: print() may interleave two ranks' lines on the shared pipe
+    os.write(1, (text + "\\n").encode())
 world = distributed.init("cpu", timeout_s=1.0)
 world.all_reduce_(torch.ones(1))
 if world.is_main:
     time.sleep(3.0)  # rank 0 writes the outputs, longer than the group's timeout
-    print(f"rank 0 done at {time.time():.3f}", flush=True)
+    say(f"rank 0 done at {time.time():.3f}")
 distributed.shutdown()
-print(f"rank {world.rank} left at {time.time():.3f}", flush=True)
+say(f"rank {world.rank} left at {time.time():.3f}")
 """
 
 
