@@ -24,12 +24,13 @@ Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
    --threads 1`` and by ``relion_reconstruct --ctf`` (one thread, RELION 3.1 has
    no threads option in relion_reconstruct): particles per second each.
 
-Before any timing, ``--warm-memory`` GB are touched once in a child process and
-the time it took is reported: on a virtual machine the first touch of guest
-memory that was never used costs the hypervisor's page fault (measured here:
-~8.5 µs per 4 kB page, 40 s for 18 GB, against ~0.3 µs once warm). A cold VM
-charges that to whichever run first uses the memory, and two ranks use twice
-the memory of one, so unwarmed timings understate the 2-rank speedup.
+Before any timing, ``--probe-memory`` GB are touched in a child process and the
+cost per page is reported. On this kind of virtual machine the first touch of a
+guest page costs a hypervisor fault (measured: 8-9 µs per 4 kB page, against
+~0.3 µs when the same memory is touched again at once), and memory freed by a
+process goes back to the host within seconds (touched again 2-20 s later: 2-7 µs
+per page), so warming up before a run does not help: every run pays ~2.2 s per
+GB it first touches (3.3 GB grids: ~7 s), each rank on its own memory.
 
 Writes ``ranks.json`` and ``ranks.txt`` in ``--out`` (default
 ``benchmarks/output/scale``); the simulated sets are deleted afterwards.
@@ -84,12 +85,12 @@ import sys, time
 import numpy as np
 gb = float(sys.argv[1])
 t0 = time.perf_counter()
-blocks = [np.ones(1 << 27, dtype=np.float64) for _ in range(int(gb * 8))]  # 1 GB each, touched
+blocks = [np.ones(1 << 24, dtype=np.float64) for _ in range(int(gb * 8))]  # 128 MB each, touched
 print(time.perf_counter() - t0)
 """
 
 
-def warm_memory(gb: float) -> dict:
+def probe_memory(gb: float) -> dict:
     """Touch ``gb`` GB once (a child process holding it all, then exiting), capped at
     70 % of MemAvailable; returns the GB touched, the seconds and µs per 4 kB page."""
     try:
@@ -193,10 +194,10 @@ def throughput(star: Path, n: int, box: int, work: Path) -> dict:
     return out
 
 
-def write(out_dir: Path, rows: list, thr: dict, note: str, warm: dict) -> None:
+def write(out_dir: Path, rows: list, thr: dict, note: str, touch: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "ranks.json").write_text(json.dumps({"ranks": rows, "throughput": thr, "note": note,
-                                                    "warm_up": warm}, indent=1))
+                                                    "first_touch": touch}, indent=1))
     lines = [f"{'program':26s} {'N':>7s} {'1 rank':>8s} {'2 ranks':>8s} {'speedup':>8s} {'RSS 1':>7s} "
              f"{'RSS 2':>7s} {'p/s/core 1':>10s} {'p/s/core 2':>10s} {'map diff':>9s}"]
     for r in rows:
@@ -218,9 +219,9 @@ def write(out_dir: Path, rows: list, thr: dict, note: str, warm: dict) -> None:
             lines.append(f"{r['program']}: two independent one-process copies at once {r['wall_two_copies']:.1f} s "
                          f"(alone {r['wall_1']:.1f} s): this machine's ceiling for 2 ranks {r['ceiling']:.2f}x; "
                          f"measured {r['speedup']:.2f}x = {100 * r['efficiency']:.0f} % of it")
-    if warm:
-        lines.append(f"memory warm-up before timing: {warm['gb']:.1f} GB touched in {warm['seconds']:.1f} s "
-                     f"({warm['us_per_page']:.2f} µs per page; ~0.3 means it was already warm)")
+    if touch:
+        lines.append(f"first touch of memory on this machine: {touch['gb']:.1f} GB in {touch['seconds']:.1f} s "
+                     f"({touch['us_per_page']:.2f} µs per 4 kB page; ~0.3 without a hypervisor fault)")
     lines.append(note)
     (out_dir / "ranks.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -239,17 +240,17 @@ def main(argv=None) -> None:
     p.add_argument("--ceiling", action="store_true",
                    help="also run two independent one-process copies at once: the machine's 2-rank ceiling")
     p.add_argument("--srun", action="store_true", help="two ranks through srun (a Slurm queue) instead of torchrun")
-    p.add_argument("--warm-memory", type=float, default=12.0,
-                   help="GB to touch once before timing (0: none); see the module docstring")
+    p.add_argument("--probe-memory", type=float, default=1.0,
+                   help="GB touched once to report the machine's first-touch cost (0: none); see the docstring")
     p.add_argument("--quick", action="store_true", help="2,000 particles at 64 px; 500 at 128 px")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "output" / "scale"))
     args = p.parse_args(argv)
     if args.quick:
         args.n, args.box, args.n_large, args.box_large = 2000, 64, 500, 128
     work = Path(tempfile.mkdtemp(prefix="gsplat_ranks_"))
-    warm = warm_memory(args.warm_memory)
-    if warm:
-        print(f"memory warm-up: {warm['gb']:.1f} GB in {warm['seconds']:.1f} s ({warm['us_per_page']:.2f} µs/page)",
+    touch = probe_memory(args.probe_memory)
+    if touch:
+        print(f"first touch of {touch['gb']:.1f} GB: {touch['seconds']:.1f} s ({touch['us_per_page']:.2f} µs/page)",
               flush=True)
     try:
         if args.star:
@@ -271,7 +272,7 @@ def main(argv=None) -> None:
         load = os.getloadavg()[0]
         note = (f"{os.cpu_count()} cores; load average {load:.1f} at the end; each rank --threads 1; "
                 f"2 ranks via {'srun -N2' if args.srun else 'torchrun'}")
-        write(Path(args.out), rows, thr, note, warm)
+        write(Path(args.out), rows, thr, note, touch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -69,6 +69,27 @@ def test_fsc_and_resolution():
     assert fscm.fsc_auc(np.ones(17)) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("box", [17, 24])
+def test_fsc_shells_match_a_full_fft_by_rounded_radius(box):
+    """The half-transform FSC and shell power equal sums over the full complex FFT
+    of every voxel at rounded radius s (the Hermitian half counted once per pair)."""
+    rng = np.random.default_rng(box)
+    a = rng.normal(size=(box,) * 3)
+    b = a + 2 * rng.normal(size=a.shape)
+    fa, fb = np.fft.fftn(a), np.fft.fftn(b)
+    k = np.fft.fftfreq(box) * box
+    radius = np.round(np.sqrt(sum(g ** 2 for g in np.meshgrid(k, k, k, indexing="ij")))).astype(int)
+    ns = box // 2 + 1
+    # the rfft half holds the x indices 0 … box//2: each shell's sums over them
+    half = (np.arange(box) <= box // 2)[None, None, :] & (radius <= ns - 1)
+    num = np.bincount(radius[half], (fa * fb.conj()).real[half], ns)
+    den = np.sqrt(np.bincount(radius[half], np.abs(fa[half]) ** 2, ns) * np.bincount(radius[half], np.abs(fb[half]) ** 2, ns))
+    _, c = fscm.fsc_curve(a.astype(np.float32), b.astype(np.float32), 1.0)
+    assert np.allclose(c, num / den, atol=1e-6)
+    power = np.bincount(radius[half], np.abs(np.fft.fftn(np.fft.ifftshift(a))[half]) ** 2, ns) / np.bincount(radius[half], None, ns)
+    assert np.allclose(fscm.shell_power(a), power, rtol=1e-10)
+
+
 def test_reconstruct_particles_half_maps(sim_small):
     star = io.read_particles(sim_small / "particles.star")
     rec = reconstruct.reconstruct_particles(star)

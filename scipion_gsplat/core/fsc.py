@@ -19,21 +19,33 @@ def shell_frequencies(box: int, pixel_size_A: float) -> np.ndarray:
     return np.arange(box // 2 + 1) / (box * pixel_size_A)
 
 
-def _shell_grid(box: int) -> np.ndarray:
-    """Rounded radius of each voxel of an unshifted ``rfftn`` of a ``box³`` map."""
-    f = np.fft.fftfreq(box) * box
-    kz, ky, kx = np.meshgrid(f, f, np.fft.rfftfreq(box) * box, indexing="ij")
-    return np.round(np.sqrt(kz ** 2 + ky ** 2 + kx ** 2)).astype(np.int64)
+def _shell_grid(box: int) -> torch.Tensor:
+    """Rounded radius (int64) of each voxel of an unshifted ``rfftn`` of a ``box³`` map.
+
+    (float32 radii round exactly: ``sqrt`` of an integer is never within 5e-4 of
+    a half-integer for boxes up to 1024, far above float32's error.)"""
+    return torch.round(shell_index(box, rfft=True, fftshifted=False)).to(torch.int64)
 
 
-def _shell_sums(values: np.ndarray, shells: np.ndarray, n_shells: int) -> np.ndarray:
-    keep = shells <= n_shells - 1
-    return np.bincount(shells[keep], values[keep], minlength=n_shells)
+def _shell_sums(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np.ndarray:
+    """Sum of ``values`` (float64) per shell ``0 … n_shells-1`` (beyond: dropped)."""
+    return torch.bincount(shells.clamp(max=n_shells).reshape(-1), values.reshape(-1),
+                          minlength=n_shells + 1)[:n_shells].numpy()
+
+
+def _rfftn64(vol) -> torch.Tensor:
+    """``rfftn`` in float64 of a map (numpy or torch); torch's FFT is 3× numpy's here."""
+    return torch.fft.rfftn(torch.as_tensor(np.asarray(vol), dtype=torch.float64))
+
+
+def _power(ft: torch.Tensor) -> torch.Tensor:
+    """``|F|²`` without the square root of ``abs``."""
+    return ft.real.square() + ft.imag.square()
 
 
 def fsc_curve(map1: np.ndarray, map2: np.ndarray, pixel_size_A: float,
               mask: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """FSC between two maps ``[z, y, x]`` of equal cubic shape.
+    """FSC between two maps ``[z, y, x]`` of equal cubic shape (float64 sums).
 
     Args:
         mask: optional real-space mask multiplied into both maps.
@@ -41,17 +53,18 @@ def fsc_curve(map1: np.ndarray, map2: np.ndarray, pixel_size_A: float,
     Returns:
         ``(frequency_per_A (n//2+1,), fsc (n//2+1,))``.
     """
-    a, b = np.asarray(map1, np.float64), np.asarray(map2, np.float64)
+    a, b = np.asarray(map1), np.asarray(map2)
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"FSC needs two 3D maps of the same shape, got {a.shape} and {b.shape}")
     if mask is not None:
-        a, b = a * mask, b * mask
+        m = np.asarray(mask, np.float64)
+        a, b = a * m, b * m
     n = a.shape[-1]
-    fa, fb = np.fft.rfftn(a), np.fft.rfftn(b)
+    fa, fb = _rfftn64(a), _rfftn64(b)
     shells = _shell_grid(n)
     ns = n // 2 + 1
-    num = _shell_sums((fa * fb.conj()).real, shells, ns)
-    den = np.sqrt(_shell_sums(np.abs(fa) ** 2, shells, ns) * _shell_sums(np.abs(fb) ** 2, shells, ns))
+    num = _shell_sums(fa.real * fb.real + fa.imag * fb.imag, shells, ns)
+    den = np.sqrt(_shell_sums(_power(fa), shells, ns) * _shell_sums(_power(fb), shells, ns))
     fsc = np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
     return shell_frequencies(n, pixel_size_A), fsc
 
@@ -59,20 +72,25 @@ def fsc_curve(map1: np.ndarray, map2: np.ndarray, pixel_size_A: float,
 def shell_power(vol: np.ndarray) -> np.ndarray:
     """Mean ``|F|²`` per shell of a map's unnormalised FFT, ``(n//2+1,)``."""
     n = vol.shape[-1]
-    ft = np.fft.rfftn(np.fft.ifftshift(np.asarray(vol, np.float64)))
+    ft = _rfftn64(np.fft.ifftshift(np.asarray(vol)))
     shells = _shell_grid(n)
     ns = n // 2 + 1
-    return _shell_sums(np.abs(ft) ** 2, shells, ns) / np.maximum(
-        _shell_sums(np.ones(shells.shape), shells, ns), 1)
+    counts = _shell_sums(torch.ones(shells.shape, dtype=torch.float64), shells, ns)
+    return _shell_sums(_power(ft), shells, ns) / np.maximum(counts, 1)
 
 
 def apply_shell_filter(vol: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """Multiply a map's transform by a per-shell ``factor (n//2+1,)`` (zero beyond Nyquist)."""
     n = vol.shape[-1]
-    ft = np.fft.rfftn(np.fft.ifftshift(np.asarray(vol, np.float64)))
+    ft = _rfftn64(np.fft.ifftshift(np.asarray(vol)))
     shells = _shell_grid(n)
-    f = np.where(shells <= n // 2, np.asarray(factor)[np.clip(shells, 0, len(factor) - 1)], 0.0)
-    return np.fft.fftshift(np.fft.irfftn(ft * f, s=vol.shape)).astype(np.float32)
+    table = torch.zeros(n + 2, dtype=torch.float64)  # shells run to ~0.87 n; zero beyond Nyquist
+    k = min(len(factor), n // 2 + 1)
+    table[:k] = torch.as_tensor(np.asarray(factor, np.float64)[:k])
+    if k < n // 2 + 1:  # a short factor extends with its last value up to Nyquist
+        table[k:n // 2 + 1] = float(np.asarray(factor)[-1])
+    out = torch.fft.irfftn(ft * table[shells], s=vol.shape)
+    return np.fft.fftshift(out.numpy()).astype(np.float32)
 
 
 def lowpass(vol: np.ndarray, pixel_size_A: float, resolution_A: float, edge_shells: float = 2.0) -> np.ndarray:
