@@ -238,20 +238,3 @@ def test_soft_sphere_is_one_inside_zero_outside_and_a_cosine_between(box, ndim):
     assert corner == 0.0 and mask.sum() < box ** ndim  # corners cut
     centred = mask[(slice(1, None),) * ndim] if box % 2 == 0 else mask  # symmetric about the centre
     np.testing.assert_array_equal(centred, np.flip(centred))
-
-
-@pytest.mark.parametrize("double", [False, True])
-def test_solves_reusing_one_workspace_give_the_maps_of_fresh_memory(double):
-    """The solves of a reconstruction copy D and W into one reused workspace:
-    each map is the one of a solve with its own copies, bit for bit, and the
-    workspace's earlier contents (a previous solve's divided grid) do not leak."""
-    accs = [reconstruct.FourierAccumulator(32, 1.5, double=double) for _ in range(2)]
-    gen = torch.Generator().manual_seed(1)
-    for k, acc in enumerate(accs):
-        acc.insert(torch.randn(40, 32, 32, generator=gen), g.random_rotations(40, np.random.default_rng(k)), None, None)
-    ws = {}
-    reused = [reconstruct.solve_sums(group, workspace=ws) for group in ([accs[0]], [accs[1]], accs)]
-    fresh = [reconstruct.solve_sums(group) for group in ([accs[0]], [accs[1]], accs)]
-    assert all(np.array_equal(r, f) for r, f in zip(reused, fresh))
-    assert not np.array_equal(fresh[0], fresh[1])
-    assert set(ws) == {"d", "w"}

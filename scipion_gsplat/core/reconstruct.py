@@ -221,28 +221,15 @@ class FourierAccumulator:
 SLAB_VOXELS = 1 << 22
 
 
-def _summed_grids(accs: list, x0: int, x1: int, workspace: Optional[dict] = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _summed_grids(accs: list, x0: int, x1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D, W)`` summed over accumulators on the x columns ``[x0, x1)`` of the
     ``(2n, 2n, n+1)`` grid (a rank's share of the solve), x = 0 plane made
     Hermitian: one copy of each, however many accumulators
-    (complex64 / float32; float64 sums are rounded once, at the end).
-
-    ``workspace``: a dict kept between solves; the copies are made into the
-    tensors it holds (0.8 GB at n = 256), not into fresh memory each solve."""
+    (complex64 / float32; float64 sums are rounded once, at the end)."""
     a0 = accs[0]
     s, h, xs = a0.size, a0.size // 2 + 1, slice(x0, x1)
-    src_d = a0._d.reshape(a0._shape)[:s, :s, :h][:, :, xs]
-    src_w = a0._w.reshape(a0._shape)[:s, :s, :h][:, :, xs]
-    if workspace is None:
-        d, w = src_d.clone(), src_w.clone()
-    else:
-        for key, src in (("d", src_d), ("w", src_w)):
-            buf = workspace.get(key)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype or buf.device != src.device:
-                workspace[key] = torch.empty_like(src, memory_format=torch.contiguous_format)
-            workspace[key].copy_(src)
-        d, w = workspace["d"], workspace["w"]
+    d = a0._d.reshape(a0._shape)[:s, :s, :h][:, :, xs].clone()
+    w = a0._w.reshape(a0._shape)[:s, :s, :h][:, :, xs].clone()
     for a in accs[1:]:
         d += a._d.reshape(a._shape)[:s, :s, :h][:, :, xs]
         w += a._w.reshape(a._shape)[:s, :s, :h][:, :, xs]
@@ -298,8 +285,7 @@ def _x_share(n_x: int, step: int, world) -> tuple:
     return min(lo * step, n_x), min(hi * step, n_x)
 
 
-def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0, world=None,
-               workspace: Optional[dict] = None) -> np.ndarray:
+def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0, world=None) -> np.ndarray:
     """Real-space map ``[z, y, x]`` (box ``n``) from the summed sums of ``accs``.
 
     ``V = D / max(W + W̄/(fudge·SSNR), W̄/1000)`` voxel by voxel, then the
@@ -322,9 +308,6 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
         world: ranks that all hold the same (summed) accumulators share the
             work: each divides and transforms its share of the x columns, and
             every rank gets the whole map, the same bits as one process's.
-        workspace: a dict kept between the solves of one reconstruction
-            (:func:`_summed_grids`): on a virtual machine each fresh GB costs
-            ~2 s of page faults.
     """
     a0 = accs[0]
     box, size, dev = a0.box, a0.size, a0.device
@@ -332,7 +315,7 @@ def solve_sums(accs: list, ssnr: Optional[np.ndarray] = None, fudge: float = 1.0
     step = max(1, SLAB_VOXELS // (size * size))
     x0, x1 = _x_share(n_x, step, world)
     xs = slice(x0, x1)
-    data, w = _summed_grids(accs, x0, x1, workspace)  # this rank's x columns only
+    data, w = _summed_grids(accs, x0, x1)  # this rank's x columns only
     wmean = _shell_means(w, size, box, x0, step, world)
     if ssnr is not None:
         s = torch.as_tensor(np.maximum(ssnr, 1e-4) * fudge, device=dev, dtype=torch.float32)
@@ -425,19 +408,18 @@ def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: boo
     ``world``: ranks that all hold the summed accumulators: they share
     every solve (:func:`solve_sums`) and every rank gets every map."""
     pix = acc1.pixel_size_A
-    ws = {}  # the solves' working copies of D and W, reused
-    h1, h2 = solve_sums([acc1], world=world, workspace=ws), solve_sums([acc2], world=world, workspace=ws)
+    h1, h2 = solve_sums([acc1], world=world), solve_sums([acc2], world=world)
     freq, fsc = fsc_curve(h1, h2, pix)
     if wiener:
         for _ in range(n_passes):
             f = np.clip(fsc, 1e-4, 0.999)
             ssnr_half = f / (1 - f)
-            h1, h2 = (solve_sums([acc], ssnr_half, fudge, world, ws) for acc in (acc1, acc2))
+            h1, h2 = (solve_sums([acc], ssnr_half, fudge, world) for acc in (acc1, acc2))
             freq, fsc = fsc_curve(h1, h2, pix)
         f = np.clip(fsc, 1e-4, 0.999)
-        vol = solve_sums([acc1, acc2], 2 * f / (1 - f), fudge, world, ws)
+        vol = solve_sums([acc1, acc2], 2 * f / (1 - f), fudge, world)
     else:
-        vol = solve_sums([acc1, acc2], world=world, workspace=ws)
+        vol = solve_sums([acc1, acc2], world=world)
     return Reconstruction(vol, h1, h2, fsc, freq, pix, acc1.count + acc2.count,
                           (acc1.count, acc2.count))
 
