@@ -22,8 +22,9 @@ def shell_frequencies(box: int, pixel_size_A: float) -> np.ndarray:
 def _shell_grid(box: int) -> torch.Tensor:
     """Rounded radius (int64) of each voxel of an unshifted ``rfftn`` of a ``box³`` map.
 
-    (float32 radii round exactly: ``sqrt`` of an integer is never within 5e-4 of
-    a half-integer for boxes up to 1024, far above float32's error.)"""
+    (float32 radii round as float64 ones do: for boxes up to 1024, ``sqrt`` of an
+    integer is never within 1.4e-4 of a half-integer, and float32's error on a
+    radius up to 887 is at most 5.3e-5.)"""
     return torch.round(shell_index(box, rfft=True, fftshifted=False)).to(torch.int64)
 
 
