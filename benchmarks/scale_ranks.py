@@ -30,7 +30,8 @@ guest page costs a hypervisor fault (measured: 8-9 µs per 4 kB page, against
 ~0.3 µs when the same memory is touched again at once), and memory freed by a
 process goes back to the host within seconds (touched again 2-20 s later: 2-7 µs
 per page), so warming up before a run does not help: every run pays ~2.2 s per
-GB it first touches (3.3 GB grids: ~7 s), each rank on its own memory.
+GB it first touches (3.3 GB grids: ~7 s), each rank on its own memory, and
+two processes touching fresh memory at once paid 3-6.6 µs per page each.
 
 Writes ``ranks.json`` and ``ranks.txt`` in ``--out`` (default
 ``benchmarks/output/scale``); the simulated sets are deleted afterwards.
@@ -248,11 +249,11 @@ def main(argv=None) -> None:
     if args.quick:
         args.n, args.box, args.n_large, args.box_large = 2000, 64, 500, 128
     work = Path(tempfile.mkdtemp(prefix="gsplat_ranks_"))
-    touch = probe_memory(args.probe_memory)
-    if touch:
-        print(f"first touch of {touch['gb']:.1f} GB: {touch['seconds']:.1f} s ({touch['us_per_page']:.2f} µs/page)",
-              flush=True)
     try:
+        touch = probe_memory(args.probe_memory)
+        if touch:
+            print(f"first touch of {touch['gb']:.1f} GB: {touch['seconds']:.1f} s "
+                  f"({touch['us_per_page']:.2f} µs/page)", flush=True)
         if args.star:
             star = Path(args.star).resolve()
             args.n = len(io.read_particles(str(star)))
