@@ -20,18 +20,19 @@ def shell_frequencies(box: int, pixel_size_A: float) -> np.ndarray:
 
 
 def _shell_grid(box: int) -> torch.Tensor:
-    """Rounded radius (int64) of each voxel of an unshifted ``rfftn`` of a ``box³`` map.
+    """Shell of each voxel of an unshifted ``rfftn`` of a ``box³`` map (int64): the
+    rounded radius, with every voxel beyond Nyquist in one extra shell ``box//2 + 1``.
 
     (float32 radii round as float64 ones do: for boxes up to 1024, ``sqrt`` of an
     integer is never within 1.4e-4 of a half-integer, and float32's error on a
     radius up to 887 is at most 5.3e-5.)"""
-    return torch.round(shell_index(box, rfft=True, fftshifted=False)).to(torch.int64)
+    radius = torch.round(shell_index(box, rfft=True, fftshifted=False))
+    return radius.clamp(max=box // 2 + 1).to(torch.int64)
 
 
 def _shell_sums(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np.ndarray:
-    """Sum of ``values`` (float64) per shell ``0 … n_shells-1`` (beyond: dropped)."""
-    return torch.bincount(shells.clamp(max=n_shells).reshape(-1), values.reshape(-1),
-                          minlength=n_shells + 1)[:n_shells].numpy()
+    """Sum of ``values`` (float64) per shell ``0 … n_shells-1`` (the shell beyond: dropped)."""
+    return torch.bincount(shells.reshape(-1), values.reshape(-1), minlength=n_shells + 1)[:n_shells].numpy()
 
 
 def _rfftn64(vol) -> torch.Tensor:
@@ -85,7 +86,7 @@ def apply_shell_filter(vol: np.ndarray, factor: np.ndarray) -> np.ndarray:
     n = vol.shape[-1]
     ft = _rfftn64(np.fft.ifftshift(np.asarray(vol)))
     shells = _shell_grid(n)
-    table = torch.zeros(n + 2, dtype=torch.float64)  # shells run to ~0.87 n; zero beyond Nyquist
+    table = torch.zeros(n // 2 + 2, dtype=torch.float64)  # the last shell (beyond Nyquist) stays 0
     k = min(len(factor), n // 2 + 1)
     table[:k] = torch.as_tensor(np.asarray(factor, np.float64)[:k])
     if k < n // 2 + 1:  # a short factor extends with its last value up to Nyquist
