@@ -7,6 +7,11 @@ Example::
 Writes ``map.mrc``; with ``--halves`` also ``map_half1.mrc``, ``map_half2.mrc``
 and ``map_fsc.star`` (RELION-style FSC table). Half sets come from
 ``rlnRandomSubset`` (alternating rows when the column is missing).
+
+Several ranks (``torchrun``, ``srun``, ``mpirun``) share the back-projection
+and the solves. With an even number of ranks and half sets of similar sizes,
+half of the ranks back-project half set 1 and the others half set 2: each rank
+then holds one half set's sums (about 0.8 GB at 256 px instead of 1.6 GB).
 """
 from __future__ import annotations
 
@@ -99,7 +104,9 @@ def main(args) -> None:
         io.write_map(names["half1"], rec.half1, rec.pixel_size_A)
         io.write_map(names["half2"], rec.half2, rec.pixel_size_A)
         io.write_star(names["fsc"], {"fsc": fsc_table(rec.frequency, rec.fsc)})
-    print(f"gsplat_reconstruct_fourier: half sets {rec.n_half[0]} + {rec.n_half[1]} particles, "
+    by_half = (f" ({rec.half_set_ranks} rank{'s' if rec.half_set_ranks > 1 else ''} on each half set)"
+               if rec.half_set_ranks else "")
+    print(f"gsplat_reconstruct_fourier: half sets {rec.n_half[0]} + {rec.n_half[1]} particles{by_half}, "
           f"resolution {rec.resolution_A(0.143):.2f} Å (FSC 0.143), "
           f"{rec.resolution_A(0.5):.2f} Å (FSC 0.5), {rec.seconds:.1f} s", flush=True)
     print(f"gsplat_reconstruct_fourier: wrote {names['map']}", flush=True)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from scipion_gsplat.core import distributed, io
 
@@ -305,19 +306,52 @@ def test_split_volume_runs_its_3d_refinement_as_ranks(project):
                      ("gsplat_refine_classes", 2)]
 
 
-def test_wiener_reconstruction_shares_its_solves_between_ranks(sim_small, tmp_path):
-    """With --wiener the two ranks share every solve of every pass (each its x
-    columns) and exchange the columns: the one-process maps and FSC."""
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_wiener_reconstruction_shares_its_solves_between_ranks(sim_small, tmp_path, ranks):
+    """With --wiener the ranks share every solve of every pass (each its x
+    columns) and exchange the columns: the one-process maps and FSC. An even
+    number of ranks splits by half set (2 ranks: one on each half set; 4 ranks:
+    a group of two on each, which shares its half set's rows, sums and solves)
+    and says so; 3 ranks take a share of both half sets each."""
     from scipion_gsplat.programs import reconstruct_fourier
     star = sim_small / "particles.star"
     assert reconstruct_fourier.run(_reconstruct_cmd(star, tmp_path / "one" / "map.mrc")[1:] + ["--wiener"]) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29613",
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--master-port", str(29613 + ranks),
            *_reconstruct_cmd(star, tmp_path / "two" / "map.mrc"), "--wiener"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    by_half = {2: "(1 rank on each half set)", 4: "(2 ranks on each half set)"}.get(ranks)
+    if by_half:
+        assert by_half in done.stdout
+    else:
+        assert "on each half set" not in done.stdout and "half sets 200 + 200 particles" in done.stdout
     for name in ("map", "map_half1", "map_half2"):
         a, b = _map(tmp_path / "one" / f"{name}.mrc"), _map(tmp_path / "two" / f"{name}.mrc")
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max(), name
     f1, f2 = (io.read_star_table(str(tmp_path / d / "map_fsc.star"), "fsc") for d in ("one", "two"))
     assert np.abs(f1["rlnFourierShellCorrelation"].to_numpy() - f2["rlnFourierShellCorrelation"].to_numpy()).max() < 1e-5
+
+
+class _SplitRecorder(distributed.World):
+    """A world of ``size`` ranks that records the groups it is split into."""
+
+    def split(self, groups):
+        self.groups = groups
+        return distributed.World(rank=0, size=len(groups[0]))
+
+
+@pytest.mark.parametrize("size, n1, n2, groups", [
+    (2, 200, 200, [[0], [1]]),
+    (4, 5500, 4500, [[0, 1], [2, 3]]),   # 55 % in the larger half set: still split
+    (4, 5600, 4400, None),               # 56 %: the larger half's ranks would wait too long
+    (3, 200, 200, None),                 # odd: no pairs
+    (1, 200, 200, None),
+])
+def test_ranks_split_by_half_set_only_when_even_and_balanced(size, n1, n2, groups):
+    from scipion_gsplat.core.reconstruct import half_set_group
+    world = _SplitRecorder(rank=0, size=size)
+    sub = half_set_group(world, n1, n2)
+    assert (sub is None) == (groups is None)
+    if groups is not None:
+        assert world.groups == groups and sub.size == size // 2

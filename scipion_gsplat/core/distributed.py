@@ -18,6 +18,8 @@ srun the first node of the step and a port derived from the job id). Backend:
 gloo on CPU, NCCL on CUDA. Work is split by particle rows (:meth:`World.shard`);
 sums (back-projection accumulators, gradients) are added over ranks with
 :meth:`World.all_reduce_`; only rank 0 writes files (:attr:`World.is_main`).
+Work done by groups of ranks (e.g. one group per half set) runs in sub-worlds
+(:meth:`World.split`) and pairs of ranks trade data with :meth:`World.exchange`.
 """
 from __future__ import annotations
 
@@ -131,11 +133,15 @@ class World:
         size: number of processes (1 = no torch.distributed).
         local_rank: rank among the processes of this node (picks the GPU).
         backend: "gloo", "nccl" or None (one process).
+        group: the torch.distributed process group of a sub-world made by
+            :meth:`split` (rank and size are then within the group); None:
+            every rank.
     """
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     backend: Optional[str] = None
+    group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -151,7 +157,7 @@ class World:
         """Sum ``tensor`` over ranks in place (complex tensors too); returns it."""
         if self.size > 1:
             target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-            torch.distributed.all_reduce(target)
+            torch.distributed.all_reduce(target, group=self.group)
         return tensor
 
     def sum_int(self, value: int) -> int:
@@ -181,7 +187,7 @@ class World:
         t = torch.tensor([float(value)], dtype=torch.float64)
         if self.backend == "nccl":
             t = t.cuda()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return float(t.item())
 
     def any(self, flag: bool) -> bool:
@@ -235,6 +241,7 @@ class World:
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Overwrite ``tensor`` on every rank with rank ``src``'s (complex too); returns it.
         For work done once (a map solved on rank 0) that every rank needs."""
+        self._whole_world()
         if self.size > 1:
             target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
             torch.distributed.broadcast(target, src)
@@ -242,6 +249,7 @@ class World:
 
     def broadcast_array(self, array: Optional[np.ndarray], src: int = 0) -> np.ndarray:
         """Rank ``src``'s numpy array on every rank (the others may pass None)."""
+        self._whole_world()
         if self.size == 1:
             return array
         obj = [array if self.rank == src else None]
@@ -252,6 +260,7 @@ class World:
         """Every rank's ``array`` (rows = its shard, same trailing shape and dtype)
         concatenated in rank order, on every rank: per-particle results back in
         the order of :meth:`shard`."""
+        self._whole_world()
         array = np.asarray(array)
         if self.size == 1:
             return array
@@ -259,9 +268,47 @@ class World:
         torch.distributed.all_gather_object(parts, array)
         return np.concatenate(parts, axis=0)
 
+    def _whole_world(self) -> None:
+        if self.group is not None:
+            raise ValueError("this collective runs in the whole world, not in a sub-world")
+
     def barrier(self) -> None:
         if self.size > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=self.group)
+
+    def split(self, groups: list) -> "World":
+        """This rank's sub-world among disjoint ``groups`` of ranks (lists of
+        ranks of this world, together covering it), e.g. ``[[0, 1], [2, 3]]``.
+
+        Every rank must call it with the same groups (torch.distributed makes
+        each group collectively). In the sub-world, :meth:`all_reduce_`,
+        :meth:`sum_int`, :meth:`sum_float`, :meth:`max_float`, :meth:`any`,
+        :meth:`shard` and :meth:`barrier` involve the group's ranks only;
+        a group of one rank is a plain one-process world."""
+        if self.group is not None:
+            raise ValueError("split a sub-world: split the world it came from instead")
+        mine = None
+        for ranks in groups:
+            ranks = [int(r) for r in ranks]
+            handle = torch.distributed.new_group(ranks) if self.size > 1 and len(ranks) > 1 else None
+            if self.rank in ranks:
+                mine = World(ranks.index(self.rank), len(ranks), self.local_rank,
+                             self.backend if len(ranks) > 1 else None, handle)
+        if mine is None:
+            raise ValueError(f"rank {self.rank} is in none of the groups {groups}")
+        return mine
+
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor, peer: int) -> torch.Tensor:
+        """Send ``send`` to rank ``peer`` and receive ``peer``'s tensor into ``recv``
+        (same dtype, contiguous; complex too), at once: the two ranks of a pair
+        each call it with the other as ``peer``. Returns ``recv``."""
+        if self.group is not None:
+            raise ValueError("exchange runs in the whole world (global ranks)")
+        real = (lambda t: torch.view_as_real(t) if t.is_complex() else t)
+        sending = torch.distributed.isend(real(send), peer)
+        torch.distributed.recv(real(recv), peer)
+        sending.wait()
+        return recv
 
     def wait_for_all(self, timeout_s: float = 7 * 24 * 3600.0) -> None:
         """Wait until every rank reaches this point, however long the others take
