@@ -168,6 +168,7 @@ def test_splat_fit_over_two_slurm_nodes(slurm_queue, sim_small, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 ranks" in two.stdout
     assert "particle spectra and CTFs: 200 ×" in two.stdout  # rank 0 searched its half of the 400
+    assert "1 rank(s) fit each half set, both at once" in two.stdout
     for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc"):
         a, b = _map(tmp_path / "one" / name), _map(tmp_path / "two" / name)
         assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max(), name
@@ -175,6 +176,33 @@ def test_splat_fit_over_two_slurm_nodes(slurm_queue, sim_small, tmp_path):
     p2 = io.read_star_table(str(tmp_path / "two" / "particles.star"), "particles")
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
         assert np.abs(p1[col].to_numpy() - p2[col].to_numpy()).max() < 1e-3
+
+
+def test_four_ranks_fit_the_two_half_sets_at_once(sim_small, tmp_path):
+    """4 ranks under torchrun: two ranks fit each half set (minibatches shared
+    within the pair) while the other pair fits the other half set; rank 0 gets
+    both fits: the one-process maps, losses and refined poses."""
+    from scipion_gsplat.programs import reconstruct_splat
+    common = ["-i", str(sim_small / "particles.star"), "--n-gaussians", "200", "--iterations", "2",
+              "--batch", "32", "--threads", "1", "--device", "cpu", "--align-rounds", "1", "--halves",
+              "--joint-poses"]
+    assert reconstruct_splat.run(common + ["-o", str(tmp_path / "one")]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    four = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", "4", "--master-port", "29631",
+                           str(BIN / "gsplat_reconstruct_splat"), *common, "-o", str(tmp_path / "four")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert four.returncode == 0, four.stderr[-2000:]
+    assert "2 rank(s) fit each half set, both at once" in four.stdout
+    for name in ("map.mrc", "map_half1.mrc", "map_half2.mrc"):
+        a, b = _map(tmp_path / "one" / name), _map(tmp_path / "four" / name)
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(a).max(), name
+    l1, l4 = (io.read_star_table(str(tmp_path / d / "loss.star"), "loss") for d in ("one", "four"))
+    assert len(l1) == len(l4) and set(l4["gsplatHalf"]) == {1, 2}
+    np.testing.assert_allclose(l4["gsplatLoss"].to_numpy(), l1["gsplatLoss"].to_numpy(), rtol=1e-4)
+    p1 = io.read_star_table(str(tmp_path / "one" / "particles.star"), "particles")
+    p4 = io.read_star_table(str(tmp_path / "four" / "particles.star"), "particles")
+    for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+        assert np.abs(p1[col].to_numpy() - p4[col].to_numpy()).max() < 1e-3
 
 
 def test_heterogeneity_over_two_slurm_nodes(slurm_queue, sim_motion, tmp_path):

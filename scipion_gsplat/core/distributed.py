@@ -249,12 +249,17 @@ class World:
 
     def broadcast_array(self, array: Optional[np.ndarray], src: int = 0) -> np.ndarray:
         """Rank ``src``'s numpy array on every rank (the others may pass None)."""
+        return self.broadcast_object(array, src)
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank ``src``'s picklable object (e.g. a fit's result) on every rank
+        (the others may pass None)."""
         self._whole_world()
         if self.size == 1:
-            return array
-        obj = [array if self.rank == src else None]
-        torch.distributed.broadcast_object_list(obj, src)
-        return obj[0]
+            return obj
+        box = [obj if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src)
+        return box[0]
 
     def gather_rows(self, array: np.ndarray) -> np.ndarray:
         """Every rank's ``array`` (rows = its shard, same trailing shape and dtype)

@@ -29,7 +29,7 @@ from ..masks import mask_from_map
 from ..particle_spectra import load_spectra, working_box
 from ..poses.local_search import LocalSearch, refine_iteratively
 from ..poses.star import with_poses
-from ..reconstruct import reconstruct_particles
+from ..reconstruct import half_set_group, reconstruct_particles
 from ..safety import files_digest, input_signature
 from ..spectra_store import format_bytes
 from . import init as initial
@@ -246,7 +246,9 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
             The result's ``star`` holds the poses the fits started from.
         world: ranks (:mod:`..distributed`) sharing the initial reconstruction,
             the local pose searches (each rank its share of the particles) and
-            every minibatch of the fits.
+            every minibatch of the fits; with two half sets and an even number
+            of ranks, half of the ranks fit half set 1 and the others half set
+            2 at the same time (:func:`..reconstruct.half_set_group`).
         workspace: memory budget and scratch folder
             (:class:`..spectra_store.SpectraWorkspace`, ``--max-memory``): the
             particle images are held in RAM when all of them fit, else read from
@@ -277,36 +279,52 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     # images are loaded under the budget, so the two are never in memory together
     models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
                                           prog("initial reconstruction"), world)
-    preload = None if workspace is None else workspace.fits(len(star) * box * box * 4)  # both halves at once
-    datas = [ParticleData.from_star(star, r, device, use_ctf, reader=reader, workspace=workspace, preload=preload)
-             for r in rows]
+    # an even number of ranks with two half sets: each half of the ranks fits one half set, both at once
+    group = half_set_group(world, len(rows[0]), len(rows[1])) if halves else None
+    mine = list(range(len(rows))) if group is None else [0 if world.rank < world.size // 2 else 1]
+    fit_world = world if group is None else group
+    n_mine = sum(len(rows[k]) for k in mine)
+    preload = None if workspace is None else workspace.fits(n_mine * box * box * 4)  # the sets fitted here
+    datas = {k: ParticleData.from_star(star, rows[k], device, use_ctf, reader=reader, workspace=workspace,
+                                       preload=preload) for k in mine}
     if log and workspace is not None:
-        log(f"particle images: {sum(len(d) for d in datas)} × {box}² px, "
+        log(f"particle images: {n_mine} × {box}² px, "
             f"{'in memory' if preload else 'read from the stacks per batch'} (budget --max-memory "
             f"{format_bytes(workspace.max_bytes)})")
     for note in notes:
         if log:
             log(f"note: {note}")
+    if log and group is not None:
+        log(f"ranks split by half set: {group.size} rank(s) fit each half set, both at once")
     init_seconds = time.time() - t0
-    fits: list[FitResult] = []
-    for k, (model, pr, data) in enumerate(zip(models, pairs, datas)):
+    fits: dict = {}
+    for i, k in enumerate(mine):
+        model, pr, data = models[k], pairs[k], datas[k]
         label = f"half {k + 1}" if halves else "all particles"
         if log:
             log(f"{label}: {len(data)} particles, {len(model)} initial Gaussians")
         ck = None if checkpoint_dir is None else Path(checkpoint_dir) / f"checkpoint_half{k + 1 if halves else 0}.pt"
         cfg = config
         if deadline is not None:
-            share = max((deadline - time.time()) / (len(models) - k), 1.0)
+            share = max((deadline - time.time()) / (len(mine) - i), 1.0)
             if world is not None:  # one schedule for all ranks: the shortest share
                 share = -world.max_float(-share)
             cfg = replace(config, time_limit_s=share)
             if log:
                 log(f"{label}: time limit {share:.0f} s")
-        fits.append(fit(model, data, cfg, seed=int(seed) * 2 + k, pairs=pr, checkpoint=ck,
-                        progress=prog(f"fitting {label}"),
-                        log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None,
-                        inputs=fit_inputs(given, rows[k], stacks, spec, halves, use_ctf, seed, searched),
-                        world=world))
+        fits[k] = fit(model, data, cfg, seed=int(seed) * 2 + k, pairs=pr, checkpoint=ck,
+                      progress=prog(f"fitting {label}"),
+                      log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None,
+                      inputs=fit_inputs(given, rows[k], stacks, spec, halves, use_ctf, seed, searched),
+                      world=fit_world)
+    if group is not None:  # every rank gets both fits (each from its group's first rank)
+        for k in (0, 1):
+            fits[k] = world.broadcast_object(fits.get(k), src=0 if k == 0 else world.size // 2)
+        if log:
+            last = fits[1].history[-1] if fits[1].history else {}
+            log(f"half 2 (fitted by the other ranks at the same time): {fits[1].steps} steps, "
+                f"final loss {last.get('loss', float('nan')):.6g}, {fits[1].seconds:.1f} s")
+    fits = [fits[k] for k in sorted(fits)]
     half_models = [f.model for f in fits]
     maps = [m.to_map(box, pix, device=device) for m in half_models]
     if halves:
