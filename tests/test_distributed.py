@@ -378,8 +378,10 @@ class _SplitRecorder(distributed.World):
 ])
 def test_ranks_split_by_half_set_only_when_even_and_balanced(size, n1, n2, groups):
     from scipion_gsplat.core.reconstruct import half_set_group
-    world = _SplitRecorder(rank=0, size=size)
-    sub = half_set_group(world, n1, n2)
-    assert (sub is None) == (groups is None)
-    if groups is not None:
-        assert world.groups == groups and sub.size == size // 2
+    for rank in range(size):
+        world = _SplitRecorder(rank=rank, size=size)
+        split = half_set_group(world, n1, n2)
+        assert (split is None) == (groups is None)
+        if groups is not None:
+            assert world.groups == groups and split.group.size == size // 2
+            assert split.half == (1 if rank in groups[0] else 2) and split.first == (0, size // 2)

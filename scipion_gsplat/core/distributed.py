@@ -124,6 +124,11 @@ def _master(env: Mapping[str, str], launcher: str) -> tuple:
     return addr or "127.0.0.1", int(port)
 
 
+def _real_view(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as real pairs (same storage; what the collectives carry); a real one unchanged."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
 @dataclass
 class World:
     """This process's place among the ranks.
@@ -156,8 +161,7 @@ class World:
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over ranks in place (complex tensors too); returns it."""
         if self.size > 1:
-            target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-            torch.distributed.all_reduce(target, group=self.group)
+            torch.distributed.all_reduce(_real_view(tensor), group=self.group)
         return tensor
 
     def sum_int(self, value: int) -> int:
@@ -243,8 +247,7 @@ class World:
         For work done once (a map solved on rank 0) that every rank needs."""
         self._whole_world()
         if self.size > 1:
-            target = torch.view_as_real(tensor) if tensor.is_complex() else tensor
-            torch.distributed.broadcast(target, src)
+            torch.distributed.broadcast(_real_view(tensor), src)
         return tensor
 
     def broadcast_array(self, array: Optional[np.ndarray], src: int = 0) -> np.ndarray:
@@ -309,9 +312,8 @@ class World:
         each call it with the other as ``peer``. Returns ``recv``."""
         if self.group is not None:
             raise ValueError("exchange runs in the whole world (global ranks)")
-        real = (lambda t: torch.view_as_real(t) if t.is_complex() else t)
-        sending = torch.distributed.isend(real(send), peer)
-        torch.distributed.recv(real(recv), peer)
+        sending = torch.distributed.isend(_real_view(send), peer)
+        torch.distributed.recv(_real_view(recv), peer)
         sending.wait()
         return recv
 

@@ -451,12 +451,11 @@ def _with_wiener(solve_halves_at: Callable, solve_full_at: Callable, pix: float,
     """``(full, half1, half2, frequency, fsc)`` given the solvers of the half maps,
     ``(ssnr, fudge, last) -> (h1, h2)``, and of the full map, ``(ssnr, fudge) -> map``,
     at an SSNR (None: no Wiener term): the Wiener passes of :func:`solve_halves`.
-    Without them, with ``consume``, the full map comes first and the half maps are
-    solved last (``last``: in their accumulators' storage)."""
+    Without them the full map comes first, so that with ``consume`` the half maps,
+    solved last, can use their accumulators' storage (``last``)."""
     if not wiener:
-        full = solve_full_at(None, 1.0) if consume else None
+        full = solve_full_at(None, 1.0)
         h1, h2 = solve_halves_at(None, 1.0, consume)
-        full = solve_full_at(None, 1.0) if full is None else full
         return (full, h1, h2) + fsc_curve(h1, h2, pix)
     h1, h2 = solve_halves_at(None, 1.0, False)
     freq, fsc = fsc_curve(h1, h2, pix)
@@ -488,11 +487,26 @@ def solve_halves(acc1: FourierAccumulator, acc2: FourierAccumulator, wiener: boo
 HALF_GROUP_MAX_SHARE = 0.55
 
 
-def half_set_group(world, n1: int, n2: int):
-    """The sub-world of this rank's half set when an even number of ranks
-    splits by half set (the first half of the ranks back-projects half set 1,
-    the others half set 2), else None (one process, an odd number of ranks,
-    or half sets of very different sizes: every rank takes a share of both).
+@dataclass
+class HalfSetRanks:
+    """This rank's place when the ranks are split by half set (:func:`half_set_group`).
+
+    Attributes:
+        group: the sub-world of the ranks of this rank's half set.
+        half: the half set they serve, 1 or 2.
+        first: the rank (of the whole world) of each half set's first rank,
+            ``(first of half 1, first of half 2)``: where each half set's results come from.
+    """
+    group: object
+    half: int
+    first: tuple
+
+
+def half_set_group(world, n1: int, n2: int) -> Optional[HalfSetRanks]:
+    """This rank's half set and the sub-world of its ranks when an even number of
+    ranks splits by half set (the first half of the ranks back-projects half
+    set 1, the others half set 2), else None (one process, an odd number of
+    ranks, or half sets of very different sizes: every rank takes a share of both).
 
     Split by half set, a rank holds one half set's sums instead of both (half
     the memory and the first-touch time of the grids), each group solves its
@@ -504,13 +518,15 @@ def half_set_group(world, n1: int, n2: int):
     if max(n1, n2) > HALF_GROUP_MAX_SHARE * (n1 + n2):
         return None
     g = world.size // 2
-    return world.split([list(range(g)), list(range(g, world.size))])
+    group = world.split([list(range(g)), list(range(g, world.size))])
+    return HalfSetRanks(group, 1 if world.rank < g else 2, (0, g))
 
 
-def _solve_by_half_groups(acc: FourierAccumulator, half: int, group, world, wiener: bool, fudge: float,
-                          n_passes: int = 2) -> Reconstruction:
-    """:func:`solve_halves` when each half of the ranks (``group``, from
-    :func:`half_set_group`) holds the summed sums of its half set ``half`` only.
+def _solve_by_half_groups(acc: FourierAccumulator, split: HalfSetRanks, world, counts: tuple, wiener: bool,
+                          fudge: float, n_passes: int = 2) -> Reconstruction:
+    """:func:`solve_halves` when each half of the ranks (``split``, from
+    :func:`half_set_group`) holds the summed sums of its half set only
+    (``counts``: the particles of half set 1 and 2).
 
     Each group solves its half map (sharing the x columns within the group)
     and sends it to every rank; for the full map each rank of the world takes
@@ -520,11 +536,7 @@ def _solve_by_half_groups(acc: FourierAccumulator, half: int, group, world, wien
     process (the sums themselves differ from one process's by float32 rounding:
     the particles are inserted in other batches)."""
     pix, size = acc.pixel_size_A, acc.size
-    g = world.size // 2
-    reported = acc.count if group.rank == 0 else 0  # each group's first rank reports its half set's count
-    n1, n2 = (int(c) for c in world.sum_arrays(np.array([reported if half == 1 else 0,
-                                                          reported if half == 2 else 0]))[0])
-    peer = (world.rank + g) % world.size
+    peer = (world.rank + world.size // 2) % world.size
     n_x, step = size // 2 + 1, _x_step(size)
     x0, x1 = _x_share(n_x, step, world)
     px0, px1 = _x_share(n_x, step, world, peer)
@@ -534,10 +546,10 @@ def _solve_by_half_groups(acc: FourierAccumulator, half: int, group, world, wien
         other.append(world.exchange(mine.contiguous(), recv, peer))
 
     def halves_at(ssnr, f, last):
-        mine = torch.from_numpy(solve_sums([acc], ssnr, f, group, last))
-        maps = [mine if h == half else torch.empty_like(mine) for h in (1, 2)]
-        for h, m in zip((1, 2), maps):
-            world.broadcast_(m, src=0 if h == 1 else g)
+        mine = torch.from_numpy(solve_sums([acc], ssnr, f, split.group, last))
+        maps = [mine if h == split.half else torch.empty_like(mine) for h in (1, 2)]
+        for m, src in zip(maps, split.first):
+            world.broadcast_(m, src=src)
         return tuple(m.numpy() for m in maps)
 
     def full_at(ssnr, f):
@@ -550,7 +562,7 @@ def _solve_by_half_groups(acc: FourierAccumulator, half: int, group, world, wien
         return _solve_grids(d, w, acc.box, x0, ssnr, f, world)
 
     full, h1, h2, freq, fsc = _with_wiener(halves_at, full_at, pix, wiener, fudge, n_passes, consume=True)
-    return Reconstruction(full, h1, h2, fsc, freq, pix, n1 + n2, (n1, n2))
+    return Reconstruction(full, h1, h2, fsc, freq, pix, sum(counts), tuple(counts))
 
 
 def reconstruct_particles(star: ParticleStar, symmetry: str = "C1", device="cpu",
@@ -578,16 +590,15 @@ def reconstruct_particles(star: ParticleStar, symmetry: str = "C1", device="cpu"
     n1, n2 = int((halves == 1).sum()), int((halves == 2).sum())
     if n1 == 0 or n2 == 0:
         raise InputError("both half sets need particles (rlnRandomSubset 1 and 2)")
-    group = half_set_group(world, n1, n2)
-    if group is None:
+    split = half_set_group(world, n1, n2)
+    if split is None:
         acc1, acc2 = backproject_halves(star, reader, symmetry, device, chunk_size, rows,
                                         progress, use_ctf, maxres_A, world)
         rec = solve_halves(acc1, acc2, wiener, fudge, world=world, consume=True)
     else:
-        half = 1 if world.rank < world.size // 2 else 2
         accs = backproject_halves(star, reader, symmetry, device, chunk_size, rows, progress, use_ctf,
-                                  maxres_A, group, only=half)
-        rec = _solve_by_half_groups(accs[half - 1], half, group, world, wiener, fudge)
-        rec.half_set_ranks = group.size
+                                  maxres_A, split.group, only=split.half)
+        rec = _solve_by_half_groups(accs[split.half - 1], split, world, (n1, n2), wiener, fudge)
+        rec.half_set_ranks = split.group.size
     rec.seconds = time.time() - t0
     return rec

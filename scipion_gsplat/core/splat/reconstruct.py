@@ -280,9 +280,9 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     models, pairs, notes = initial_models(star, spec, halves, seed, device, use_ctf, log,
                                           prog("initial reconstruction"), world)
     # an even number of ranks with two half sets: each half of the ranks fits one half set, both at once
-    group = half_set_group(world, len(rows[0]), len(rows[1])) if halves else None
-    mine = list(range(len(rows))) if group is None else [0 if world.rank < world.size // 2 else 1]
-    fit_world = world if group is None else group
+    split = half_set_group(world, len(rows[0]), len(rows[1])) if halves else None
+    mine = list(range(len(rows))) if split is None else [split.half - 1]
+    fit_world = world if split is None else split.group
     n_mine = sum(len(rows[k]) for k in mine)
     preload = None if workspace is None else workspace.fits(n_mine * box * box * 4)  # the sets fitted here
     datas = {k: ParticleData.from_star(star, rows[k], device, use_ctf, reader=reader, workspace=workspace,
@@ -294,8 +294,8 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
     for note in notes:
         if log:
             log(f"note: {note}")
-    if log and group is not None:
-        log(f"ranks split by half set: {group.size} rank(s) fit each half set, both at once")
+    if log and split is not None:
+        log(f"ranks split by half set: {split.group.size} rank(s) fit each half set, both at once")
     init_seconds = time.time() - t0
     fits: dict = {}
     for i, k in enumerate(mine):
@@ -317,9 +317,9 @@ def reconstruct_splat(star: ParticleStar, spec: InitSpec, config: FitConfig, hal
                       log=(lambda line, lab=label: log(f"{lab}: {line}")) if log else None,
                       inputs=fit_inputs(given, rows[k], stacks, spec, halves, use_ctf, seed, searched),
                       world=fit_world)
-    if group is not None:  # every rank gets both fits (each from its group's first rank)
-        for k in (0, 1):
-            fits[k] = world.broadcast_object(fits.get(k), src=0 if k == 0 else world.size // 2)
+    if split is not None:  # every rank gets both fits (each from its group's first rank)
+        for k, src in enumerate(split.first):
+            fits[k] = world.broadcast_object(fits.get(k), src=src)
         if log:
             last = fits[1].history[-1] if fits[1].history else {}
             log(f"half 2 (fitted by the other ranks at the same time): {fits[1].steps} steps, "
