@@ -181,3 +181,29 @@ def test_fit_signature_covers_the_pose_searches_not_their_rounding(sim_small):
     assert a == fit_inputs(star, rows, stacks, spec, True, True, 0, {"sigma_ang_deg": 2.0, "rounds": 2})
     assert a != fit_inputs(star, rows, stacks, spec, True, True, 0, {"sigma_ang_deg": 3.0, "rounds": 2})
     assert a != fit_inputs(star, rows, stacks, spec, True, True, 0, None)
+
+
+def test_fit_signature_follows_the_initial_maps_content(sim_small, tmp_path):
+    """A map replaced by another of the same size with the old time stamp kept
+    (``cp -p``, ``rsync -t``) is other inputs: no resume from its checkpoint.
+    The same bytes written again later resume."""
+    import os
+
+    from scipion_gsplat.core.splat.reconstruct import InitSpec, fit_inputs
+    star = io.read_particles(str(sim_small / "particles.star"))
+    rows = np.arange(len(star))
+    stacks = io.ImageReader(star).stack_files()
+    ref = tmp_path / "ref.mrc"
+    io.write_map(ref, np.ones((8, 8, 8), np.float32), 2.0)
+    original, st = ref.read_bytes(), os.stat(ref)
+    spec = InitSpec(file=str(ref))
+    a = fit_inputs(star, rows, stacks, spec, True, True, 0)
+    other = bytearray(original)
+    other[-4:] = np.float32(2.0).tobytes()  # one voxel changed, same size
+    ref.write_bytes(bytes(other))
+    os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(ref).st_size == st.st_size and os.stat(ref).st_mtime_ns == st.st_mtime_ns
+    assert fit_inputs(star, rows, stacks, spec, True, True, 0) != a
+    ref.write_bytes(original)
+    os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10 ** 9))
+    assert fit_inputs(star, rows, stacks, spec, True, True, 0) == a

@@ -44,6 +44,18 @@ def files_digest(paths: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def content_digest(path: str) -> str:
+    """SHA-256 of a file's bytes: for maps, masks and models, whose content
+    decides a result even when a copy keeps the size and modification time
+    (``cp -p``, ``rsync -t``). Image stacks are too large for this and are
+    signed by :func:`files_digest`."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def input_signature(particles: pd.DataFrame, stack_files: Iterable[str], **options) -> str:
     """A text that changes whenever the particle rows used, their image stacks
     (size, modification time) or any of the given options change.

@@ -29,7 +29,6 @@ seeded by the seed and the stage); with other inputs it starts afresh.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -42,7 +41,7 @@ import torch
 from ..distributed import World
 from ..io import ImageReader, InputError, ParticleStar, atomic_path, read_map
 from ..particle_spectra import working_box
-from ..safety import input_signature
+from ..safety import content_digest, input_signature
 from ..spectra_store import format_bytes
 from ..splat.data import ParticleData
 from ..splat.fit import FitConfig, fit
@@ -313,14 +312,6 @@ STAGE_CONSENSUS = -1  # the consensus model is fitted
 CONSENSUS_CHECKPOINT = "consensus_fit.pt"
 
 
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _signature(star: ParticleStar, cfg: HeterogeneityConfig, seed: int) -> str:
     """What the result depends on: the content of the STAR rows (optics values
     merged in), the image stacks (size, modification time), every setting, the
@@ -328,7 +319,7 @@ def _signature(star: ParticleStar, cfg: HeterogeneityConfig, seed: int) -> str:
     options = asdict(cfg)
     for key in ("consensus", "segmentation"):
         if options[key]:
-            options[key] = _file_sha256(options[key])
+            options[key] = content_digest(options[key])
     return input_signature(star.particles, ImageReader(star).stack_files(), seed=seed, config=options)
 
 

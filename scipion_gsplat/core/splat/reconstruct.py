@@ -30,7 +30,7 @@ from ..particle_spectra import load_spectra, working_box
 from ..poses.local_search import LocalSearch, refine_iteratively
 from ..poses.star import with_poses
 from ..reconstruct import half_set_group, reconstruct_particles
-from ..safety import files_digest, input_signature
+from ..safety import content_digest, input_signature
 from ..spectra_store import format_bytes
 from . import init as initial
 from .data import ParticleData
@@ -181,13 +181,13 @@ def fit_inputs(star: ParticleStar, rows: np.ndarray, stack_files: list, spec: In
                use_ctf: bool, seed: int, prealign: Optional[dict] = None) -> str:
     """What one fit is computed from (:func:`..safety.input_signature`): its
     particle rows as given (every column), the image stacks (size, modification
-    time) and the options that make its data and initial model (init spec, its
-    file and mask, half sets, CTF, seed, the local pose searches before the fit).
+    time) and the options that make its data and initial model (init spec, the
+    content of its file, its mask, half sets, CTF, seed, the local pose searches before the fit).
     A checkpoint of other inputs is not resumed. The rows are signed before the
     pose searches: their refined poses follow from these inputs, and a float
     rounding difference in them would otherwise refuse a valid resume."""
     init = {k: v for k, v in asdict(spec).items() if k != "mask"}
-    init["file_digest"] = files_digest([spec.file]) if spec.file else None
+    init["file_digest"] = content_digest(spec.file) if spec.file else None
     init["mask_digest"] = (None if spec.mask is None else
                            hashlib.sha256(np.ascontiguousarray(spec.mask, np.float32).tobytes()).hexdigest())
     return input_signature(star.particles.iloc[rows], stack_files, init=init, halves=bool(halves),
