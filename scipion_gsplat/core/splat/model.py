@@ -36,7 +36,7 @@ WINDOW_SIGMAS = 5.0   # truncated windows reach this many σ (mass lost < 1e-5)
 
 
 def gaussian_profiles(grid_A: torch.Tensor, centres_A: torch.Tensor, sigmas_A: torch.Tensor,
-                      pixel_size_A: float) -> torch.Tensor:
+                      pixel_size_A: float, return_z: bool = False):
     """Sampled, normalised 1D Gaussians: ``pixel/(√(2π)σ)·exp(−½((g − μ)/σ)²)``.
 
     The one profile used by :meth:`GaussianModel.to_map` and the isotropic
@@ -44,19 +44,22 @@ def gaussian_profiles(grid_A: torch.Tensor, centres_A: torch.Tensor, sigmas_A: t
     sum over a grid wide enough is 1).
 
     Args:
-        grid_A: ``(G,)`` sample positions in Å.
+        grid_A: ``(G,)`` sample positions in Å (or ``(..., N, G)``: each
+            centre its own samples, e.g. a window around it).
         centres_A: ``(..., N)`` centres along this axis in Å.
         sigmas_A: widths in Å, broadcastable to ``centres_A``.
         pixel_size_A: sample spacing in Å.
+        return_z: also return ``z = (g − μ)/σ`` (what the derivatives need).
 
     Returns:
-        ``(..., N, G)`` profiles. The exponent is clamped at :data:`EXP_FLOOR`
-        so tails never become denormal floats (which slow products ~10×).
+        ``(..., N, G)`` profiles (and ``z``, same shape). The exponent is clamped
+        at :data:`EXP_FLOOR` so tails never become denormal floats (which slow
+        products ~10×).
     """
     sig = sigmas_A.unsqueeze(-1)
     z = (grid_A - centres_A.unsqueeze(-1)) / sig
-    return (pixel_size_A / math.sqrt(2.0 * math.pi)) / sig * torch.exp(
-        torch.clamp(-0.5 * z * z, min=EXP_FLOOR))
+    values = (pixel_size_A / math.sqrt(2.0 * math.pi)) / sig * torch.exp(torch.clamp(-0.5 * z * z, min=EXP_FLOOR))
+    return (values, z) if return_z else values
 
 
 def pixel_grid_A(box: int, pixel_size_A: float, device=None, dtype=torch.float32) -> torch.Tensor:
