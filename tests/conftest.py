@@ -4,6 +4,8 @@ The Scipion variables are set here, before any test imports pyworkflow: every
 run gets its own temporary SCIPION_HOME / SCIPION_USER_DATA / SCIPION_TESTS and a
 generated hosts.conf, so tests never touch a user's Scipion installation.
 """
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 
 from scipion_gsplat.headless import configure  # noqa: E402  (imports no pyworkflow)
 
-configure(tempfile.mkdtemp(prefix="gsplat-tests-"))
+_HOME = tempfile.mkdtemp(prefix="gsplat-tests-")
+configure(_HOME)
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)  # each run left its Scipion home in /tmp
 
 DATA = Path(__file__).parent / "data"
 
