@@ -18,19 +18,12 @@ BIN = Path(sys.executable).parent
 
 def _connected(size: int) -> list:
     """``size`` reducers of this process (one per thread), joined at one hub."""
-    server, path = node_reduce.NodeReducer.listen(10.0)
-    out = [None] * size
-
-    def join(rank):
-        out[rank] = node_reduce.NodeReducer.connect(rank, size, path, server if rank == 0 else None, 10.0)
-
-    threads = [threading.Thread(target=join, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(20)
-    assert not os.path.exists(os.path.dirname(path)), "the hub's folder is removed once all have joined"
-    return out
+    server, path = node_reduce.NodeReducer.listen(10.0, size)
+    members = [node_reduce.NodeReducer.join(r, path, 10.0) for r in range(size - 1, 0, -1)]  # any order
+    hub = node_reduce.NodeReducer.accept(server, size, 10.0)
+    server.close()
+    return [node_reduce.NodeReducer(0, size, hub)] + [node_reduce.NodeReducer(r, size, [s])
+                                                     for r, s in zip(range(size - 1, 0, -1), members)][::-1]
 
 
 def _on_all(reducers, tensors, op="sum"):
@@ -79,22 +72,56 @@ def test_a_rank_that_left_is_a_clear_error():
         reducers[0].all_reduce_(torch.ones(3))
 
 
-def test_ranks_on_different_machines_keep_torch_distributed():
-    """``gather`` reports two machines: no reducer on either rank, and rank 0's
-    listening socket and folder are gone."""
+def _hubs_made(monkeypatch) -> list:
     made = []
     real = node_reduce.NodeReducer.listen
 
-    def listen(timeout_s):
-        made.append(real(timeout_s))
+    def listen(timeout_s, size=64):
+        made.append(real(timeout_s, size))
         return made[-1]
 
-    node_reduce.NodeReducer.listen = listen
-    try:
-        got = node_reduce.build(0, 2, lambda obj: [obj, ("elsewhere/boot", None)], lambda ok: ok)
-    finally:
-        node_reduce.NodeReducer.listen = real
+    monkeypatch.setattr(node_reduce.NodeReducer, "listen", listen)
+    return made
+
+
+def test_ranks_on_different_machines_keep_torch_distributed(monkeypatch):
+    """``gather`` reports two machines: no reducer, and rank 0's listening
+    socket and folder are gone."""
+    made = _hubs_made(monkeypatch)
+    got = node_reduce.build(0, 2, lambda obj: [obj, ("elsewhere/boot", None)], lambda ok: ok)
     assert got is None
+    assert not os.path.exists(os.path.dirname(made[0][1]))
+
+
+def test_a_rank_that_cannot_reach_the_hub_costs_no_wait(monkeypatch, tmp_path):
+    """Rank 1 sees no hub at the path (as with a private /tmp per task): both
+    ranks agree at once to keep torch.distributed; the hub does not wait for
+    a connection that will never come."""
+    import time
+    made = _hubs_made(monkeypatch)
+    flags = {}
+    barrier = threading.Barrier(2, timeout=30)
+
+    def agree(rank):
+        def f(ok):
+            flags[rank] = ok
+            barrier.wait()
+            return all(flags.values())
+        return f
+
+    out = {}
+    ident = node_reduce.machine_identity()
+    hub = threading.Thread(target=lambda: out.__setitem__(0, node_reduce.build(
+        0, 2, lambda obj: [obj, (ident, None)], agree(0), setup_timeout_s=20)))
+    t0 = time.time()
+    hub.start()
+    while not made:
+        time.sleep(0.01)
+    out[1] = node_reduce.build(1, 2, lambda obj: [(ident, str(tmp_path / "no-hub")), obj], agree(1),
+                               setup_timeout_s=20)
+    hub.join(30)
+    assert out == {0: None, 1: None}
+    assert time.time() - t0 < 5
     assert not os.path.exists(os.path.dirname(made[0][1]))
 
 

@@ -57,7 +57,7 @@ def _recv_exact(sock: socket.socket, view: memoryview, peer: int) -> None:
 class NodeReducer:
     """Sums over ``size`` ranks of one machine (``rank`` 0 is the hub).
 
-    Made collectively with :meth:`connect`; every rank must call
+    Made collectively with :func:`build`; every rank must call
     :meth:`all_reduce_` in the same order with tensors of the same shape and
     dtype (as for any collective)."""
 
@@ -66,15 +66,15 @@ class NodeReducer:
         self._sockets = sockets  # hub: one per other rank, in rank order; others: the hub's
 
     @classmethod
-    def listen(cls, timeout_s: float) -> tuple:
+    def listen(cls, timeout_s: float, size: int = 64) -> tuple:
         """The hub's side, first half: a listening socket in a private temporary
-        folder. Returns ``(server, path)``."""
+        folder, with room in its queue for ``size`` ranks. Returns ``(server, path)``."""
         folder = tempfile.mkdtemp(prefix="gsplat-ranks-")
         path = os.path.join(folder, "hub")
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server.bind(path)
-            server.listen(64)
+            server.listen(max(size, 1))
             server.settimeout(timeout_s)
         except OSError:
             server.close()
@@ -82,30 +82,11 @@ class NodeReducer:
             raise
         return server, path
 
-    @classmethod
-    def connect(cls, rank: int, size: int, hub_path: str, server: Optional[socket.socket],
-                timeout_s: float) -> "NodeReducer":
-        """Join the hub at ``hub_path`` (``server``: the hub's listening socket
-        from :meth:`listen`, on rank 0 only). Raises OSError when the ranks
-        cannot reach one another (then every rank falls back to
-        torch.distributed: see :meth:`..distributed.World`)."""
-        if rank == 0:
-            try:
-                members = [None] * (size - 1)
-                for _ in range(size - 1):
-                    conn, _ = server.accept()
-                    conn.settimeout(timeout_s)
-                    head = bytearray(_RANK.size)
-                    _recv_exact(conn, memoryview(head), -1)
-                    other = _RANK.unpack(head)[0]
-                    if not 0 < other < size or members[other - 1] is not None:
-                        conn.close()
-                        raise OSError(f"unexpected rank {other} at the hub")
-                    members[other - 1] = conn
-            finally:
-                server.close()
-                shutil.rmtree(os.path.dirname(hub_path), ignore_errors=True)
-            return cls(rank, size, members)
+    @staticmethod
+    def join(rank: int, hub_path: str, timeout_s: float) -> socket.socket:
+        """A member's side: connect to the hub and say which rank this is. The
+        hub need not have accepted yet (the connection waits in its queue), so
+        every rank knows at once whether it reached the hub. Raises OSError."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout_s)
         try:
@@ -114,7 +95,30 @@ class NodeReducer:
         except OSError:
             sock.close()
             raise
-        return cls(rank, size, [sock])
+        return sock
+
+    @staticmethod
+    def accept(server: socket.socket, size: int, timeout_s: float) -> list:
+        """The hub's side, second half: the connections of ranks 1 … size−1, in
+        rank order. Raises OSError (a wrong or repeated rank, a timeout)."""
+        members = [None] * (size - 1)
+        try:
+            for _ in range(size - 1):
+                conn, _ = server.accept()
+                conn.settimeout(timeout_s)
+                head = bytearray(_RANK.size)
+                _recv_exact(conn, memoryview(head), -1)
+                other = _RANK.unpack(head)[0]
+                if not 0 < other < size or members[other - 1] is not None:
+                    conn.close()
+                    raise OSError(f"unexpected rank {other} at the hub")
+                members[other - 1] = conn
+        except OSError:
+            for conn in members:
+                if conn is not None:
+                    conn.close()
+            raise
+        return members
 
     def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (``op='sum'``) or maximum (``'max'``) of a real CPU tensor over
@@ -157,10 +161,21 @@ class NodeReducer:
         self._sockets = []
 
 
+def _close_hub(server: Optional[socket.socket], path: Optional[str]) -> None:
+    if server is not None:
+        server.close()
+    if path is not None:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
 def build(rank: int, size: int, gather: Callable[[object], list], agree: Callable[[bool], bool],
           timeout_s: float = 600.0, setup_timeout_s: float = 60.0) -> Optional[NodeReducer]:
-    """A :class:`NodeReducer` for ``size`` ranks, or None when they do not all
-    run on one machine or cannot reach one another.
+    """A :class:`NodeReducer` for ``size`` ranks, or None on every rank when they
+    do not all run on one machine or cannot reach one another (e.g. each has
+    a private /tmp): then all sums stay on torch.distributed.
+
+    Every member connects first and the ranks agree on the outcome before the
+    hub accepts, so a rank that cannot reach the hub costs no waiting.
 
     Args:
         gather: every rank's object, in rank order, on every rank (a collective
@@ -172,24 +187,37 @@ def build(rank: int, size: int, gather: Callable[[object], list], agree: Callabl
     server = path = None
     if rank == 0:
         try:
-            server, path = NodeReducer.listen(setup_timeout_s)
+            server, path = NodeReducer.listen(setup_timeout_s, size)
         except OSError:
             server = path = None
     seen = gather((machine_identity(), path))
-    ok = len({ident for ident, _ in seen}) == 1 and seen[0][1] is not None
-    reducer = None
-    if ok:
+    hub_path = seen[0][1]
+    reachable = len({ident for ident, _ in seen}) == 1 and hub_path is not None
+    sock = None
+    if reachable and rank > 0:
         try:
-            reducer = NodeReducer.connect(rank, size, seen[0][1], server, setup_timeout_s)
-            for sock in reducer._sockets:
-                sock.settimeout(timeout_s)
+            sock = NodeReducer.join(rank, hub_path, setup_timeout_s)
+        except OSError:
+            reachable = False
+    if not agree(reachable):
+        if sock is not None:
+            sock.close()
+        _close_hub(server, path)
+        return None
+    reducer = None
+    if rank == 0:
+        try:
+            reducer = NodeReducer(0, size, NodeReducer.accept(server, size, setup_timeout_s))
         except OSError:
             reducer = None
-    elif server is not None:
-        server.close()
-        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+        finally:
+            _close_hub(server, path)  # every rank is connected: the socket file is no longer needed
+    else:
+        reducer = NodeReducer(rank, size, [sock])
     if not agree(reducer is not None):
         if reducer is not None:
             reducer.close()
         return None
+    for conn in reducer._sockets:
+        conn.settimeout(timeout_s)
     return reducer
