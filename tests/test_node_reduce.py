@@ -21,7 +21,7 @@ def _connected(size: int) -> list:
     server, path = node_reduce.NodeReducer.listen(10.0, size)
     members = [node_reduce.NodeReducer.join(r, path, 10.0) for r in range(size - 1, 0, -1)]  # any order
     hub = node_reduce.NodeReducer.accept(server, size, 10.0)
-    server.close()
+    node_reduce._close_hub(server, path)
     return [node_reduce.NodeReducer(0, size, hub)] + [node_reduce.NodeReducer(r, size, [s])
                                                      for r, s in zip(range(size - 1, 0, -1), members)][::-1]
 
@@ -170,10 +170,13 @@ def test_ranks_of_one_machine_sum_through_sockets(tmp_path, ranks, disable):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     if disable:
         env["GSPLAT_NODE_REDUCE"] = "0"
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # where the hub's folder is made
     done = subprocess.run([str(BIN / "torchrun"), "--nproc-per-node", str(ranks), "--master-port",
                            str(29640 + ranks + 3 * disable), str(script), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not list((tmp_path / "tmp").glob("gsplat-ranks-*")), "the hub's folder is removed"
     for r in range(ranks):
         lines = (tmp_path / f"rank{r}.txt").read_text().splitlines()
         assert f"rank {r} node {not disable}" in lines
