@@ -183,3 +183,29 @@ def test_stack_writer_writes_rows_in_any_order_with_header_statistics(tmp_path):
         assert abs(float(m.header.dmean) - x.mean()) < 1e-5
         assert abs(float(m.header.rms) - x.std()) < 1e-5
         assert float(m.voxel_size.x) == 1.5 and m.is_image_stack()
+
+
+def test_reads_runs_gaps_and_other_stack_types_in_row_order(tmp_path):
+    """Rows in any order over two stacks (float32 and big-endian int16), with gaps
+    and repeated rows, come back as the stacks hold them; a stack cut short after
+    its header was read is a clear error, not a partial image."""
+    import mrcfile
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(9, 12, 12)).astype(np.float32)
+    b = rng.integers(-300, 300, size=(7, 12, 12)).astype(">i2")
+    io.write_stack(tmp_path / "a.mrcs", a, 2.0)
+    with mrcfile.new(tmp_path / "b.mrcs") as m:
+        m.set_data(b)
+    names = [f"{i + 1}@a.mrcs" for i in range(9)] + [f"{i + 1}@b.mrcs" for i in range(7)]
+    parts = pd.DataFrame({"rlnImageName": names, "rlnAngleRot": 0.0, "rlnAngleTilt": 0.0, "rlnAnglePsi": 0.0,
+                          "rlnImagePixelSize": 2.0})
+    io.write_star(tmp_path / "p.star", {"particles": parts})
+    every = np.concatenate([a, b.astype(np.float32)])
+    reader = io.ImageReader(io.read_particles(tmp_path / "p.star"))
+    for rows in (np.arange(16), [15, 0, 1, 2, 9, 10, 3, 8, 8, 12, 4], [2, 3, 4, 6, 7, 11, 12, 14]):
+        got = reader.read(rows)
+        assert got.dtype == np.float32 and np.array_equal(got, every[rows])
+    with open(tmp_path / "a.mrcs", "r+b") as fh:  # cut after the header was read
+        fh.truncate(1024 + 4 * 12 * 12 * 5 + 100)
+    with pytest.raises(io.InputError, match="ended while reading image 6"):
+        reader.read([4, 5, 6])

@@ -165,22 +165,35 @@ class ImageReader:
         except Exception:  # interpreter shutdown
             pass
 
-    def _read_stack(self, code: int, index: np.ndarray) -> np.ndarray:
-        """Images ``index`` (0-based) of one stack as float32 ``(B, ny, nx)``."""
+    def _read_stack(self, code: int, index: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Images ``index`` (0-based) of one stack as float32 ``(B, ny, nx)``,
+        into ``out`` when given. Each run of consecutive indices is one read;
+        float32 stacks in this machine's byte order are read straight into
+        the output (no intermediate copy)."""
         offset, dtype, n, ny, nx = self._header(code)
         if len(index) and (index.min() < 0 or index.max() >= n):
             raise InputError(f"{self.stack_paths[code]}: image index {int(index.max()) + 1} out of range "
                              f"(stack has {n})")
         size = ny * nx * dtype.itemsize
         fd = self._fd(code)
-        out = np.empty((len(index), ny, nx), dtype=np.float32)
-        if len(index) > 1 and np.all(np.diff(index) == 1):  # one contiguous run: one read
-            buf = os.pread(fd, size * len(index), offset + int(index[0]) * size)
-            out[:] = np.frombuffer(buf, dtype=dtype).reshape(len(index), ny, nx)
-            return out
-        for k, i in enumerate(index):
-            buf = os.pread(fd, size, offset + int(i) * size)
-            out[k] = np.frombuffer(buf, dtype=dtype).reshape(ny, nx)
+        if out is None:
+            out = np.empty((len(index), ny, nx), dtype=np.float32)
+        direct = dtype == np.dtype(np.float32) and out.flags.c_contiguous
+        cuts = np.flatnonzero(np.diff(index) != 1) + 1
+        for s, e in zip(np.r_[0, cuts], np.r_[cuts, len(index)]):
+            pos = offset + int(index[s]) * size
+            if direct:
+                view = memoryview(out[s:e]).cast("B")
+                done = 0
+                while done < len(view):
+                    got = os.preadv(fd, [view[done:]], pos + done)
+                    if got <= 0:
+                        raise InputError(f"{self.stack_paths[code]}: the file ended while reading image "
+                                         f"{int(index[s]) + done // size + 1}")
+                    done += got
+            else:
+                buf = os.pread(fd, size * (e - s), pos)
+                out[s:e] = np.frombuffer(buf, dtype=dtype).reshape(e - s, ny, nx)
         return out
 
     # ------------------------------------------------------------------ check
@@ -266,27 +279,29 @@ class ImageReader:
                   else np.zeros(len(rows), int))
         codes = self.stack_code[rows]
         order = np.lexsort((self.index[rows], codes))
-        out = None
-        start = 0
-        while start < len(order):  # runs of rows from one stack (and one group)
-            c, g = codes[order[start]], groups[order[start]]
-            end = start + 1
-            while end < len(order) and codes[order[end]] == c and groups[order[end]] == g:
-                end += 1
-            sel = order[start:end]
-            imgs = self._read_stack(int(c), self.index[rows[sel]])
-            if g in plans:
-                imgs = self._to_grid(imgs, plans[g])
-            if out is None:
-                out = np.empty((len(rows),) + imgs.shape[1:], dtype=np.float32)
-            elif imgs.shape[1:] != out.shape[1:]:
-                raise InputError(f"{self.stack_paths[c]}: box {imgs.shape[-1]} differs from other stacks "
-                                 f"({out.shape[-1]}); give rlnImageSize per optics group")
-            out[sel] = imgs
-            start = end
-        if out is None:
+        if not len(order):
             box = self.star.box_size
             return np.empty((0, box, box), dtype=np.float32)
+        codes_o, groups_o = codes[order], groups[order]
+        cuts = np.flatnonzero((codes_o[1:] != codes_o[:-1]) | (groups_o[1:] != groups_o[:-1])) + 1
+        out = None
+        for start, end in zip(np.r_[0, cuts], np.r_[cuts, len(order)]):  # runs from one stack and group
+            c, g = int(codes_o[start]), groups_o[start]
+            sel = order[start:end]
+            ny, nx = self._header(c)[3:]
+            if ny != nx:
+                raise InputError(f"{self.stack_paths[c]}: images are not square ({ny}x{nx})")
+            side = plans[g][3] if g in plans else ny
+            if out is None:
+                out = np.empty((len(rows), side, side), dtype=np.float32)
+            elif side != out.shape[-1]:
+                raise InputError(f"{self.stack_paths[c]}: box {side} differs from other stacks "
+                                 f"({out.shape[-1]}); give rlnImageSize per optics group")
+            if g not in plans and sel[-1] - sel[0] == end - start - 1 and np.all(np.diff(sel) == 1):
+                self._read_stack(c, self.index[rows[sel]], out[sel[0]:sel[-1] + 1])  # in place
+                continue
+            imgs = self._read_stack(c, self.index[rows[sel]])
+            out[sel] = self._to_grid(imgs, plans[g]) if g in plans else imgs
         return out
 
     def chunks(self, chunk_size: int = 512, rows=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
