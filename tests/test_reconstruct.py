@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scipion_gsplat.core import fourier, fsc as fscm, geometry as g, io, masks, reconstruct
+from scipion_gsplat.core import fourier, fourier_solve, fsc as fscm, geometry as g, io, masks, reconstruct
 from scipion_gsplat.core.symmetry import symmetry_matrices
 
 from test_fourier import gaussian_map
@@ -158,7 +158,7 @@ def test_solve_by_slabs_and_of_summed_accumulators(monkeypatch):
     pix = 2.0
     vol, poses, a, b, ssnr = _two_noisy_accumulators(5, box=33, n=200, n_first=120)
     whole = reconstruct.solve_sums([a, b], ssnr, 1.5)
-    monkeypatch.setattr(reconstruct, "SLAB_VOXELS", 3000)  # ~1 z plane per slab
+    monkeypatch.setattr(fourier_solve, "SLAB_VOXELS", 3000)  # ~1 z plane per slab
     monkeypatch.setattr(reconstruct, "SCATTER_SAMPLES", 500)
     assert np.allclose(reconstruct.solve_sums([a, b], ssnr, 1.5), whole, atol=1e-6 * np.abs(whole).max())
     merged = _accumulate(vol, poses[:120], pix, noise=0.3, seed=1)
@@ -244,10 +244,10 @@ def test_ranks_share_the_solve_by_x_columns_and_get_one_process_map(monkeypatch,
     only (one solve is not repeated on every rank), and the map every rank ends
     with is one process's map bit for bit."""
     _, _, a, b, ssnr = _two_noisy_accumulators(9, box=40, n=300, n_first=150)
-    monkeypatch.setattr(reconstruct, "SLAB_VOXELS", 80 * 80 * 4)  # 4 x columns a slab: 11 slabs
+    monkeypatch.setattr(fourier_solve, "SLAB_VOXELS", 80 * 80 * 4)  # 4 x columns a slab: 11 slabs
     one = reconstruct.solve_sums([a, b], ssnr, 1.5)
     world = _ThreadRanks(size)
-    shares = world.run(lambda: reconstruct._x_share(41, 4, world))
+    shares = world.run(lambda: fourier_solve.x_share(41, 4, world))
     assert shares[0][0] == 0 and shares[-1][1] == 41
     assert all(s[1] == t[0] and s[1] > s[0] for s, t in zip(shares, shares[1:]))  # contiguous, none empty
     outs = world.run(lambda: reconstruct.solve_sums([a, b], ssnr, 1.5, world))
