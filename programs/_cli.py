@@ -99,16 +99,21 @@ def guard_files(args, files: Callable) -> list:
     return safety.prepare_outputs(spec.outputs)
 
 
-def add_memory_args(parser: argparse.ArgumentParser, what: str, sizes: str) -> None:
+def add_memory_args(parser: argparse.ArgumentParser, what: str, sizes: str, initial_map: bool = True) -> None:
     """``--max-memory`` and ``--scratch``: ``what`` stays in RAM under the budget,
-    in a scratch file read in chunks above it; ``sizes`` says how big it is."""
+    in a scratch file read in chunks above it; ``sizes`` says how big it is.
+    ``initial_map``: the program makes a full-box Fourier reconstruction (its
+    grids are outside the budget, and the help says how big they are)."""
     from scipion_gsplat.core.spectra_store import DEFAULT_MAX_MEMORY
     g = parser.add_argument_group("memory")
     g.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY,
                    help=f"memory for {what}, e.g. 4G, 500M, 1.5T (binary units). {sizes}. Above the budget "
                         "they are kept in a scratch file and read in chunks on every pass (same results, "
                         "peak memory independent of the number of particles, somewhat slower); the program "
-                        "itself needs a few hundred MB more. With several ranks (MPI) the budget is per node: "
+                        "itself needs a few hundred MB more" + (
+                            ", and while it makes a Fourier reconstruction (the initial map, before the particles "
+                            "are loaded) its 3D grids: about 200 bytes × box³ (3.3 GB at 256 px, 0.4 GB at 128 px)"
+                            if initial_map else "") + ". With several ranks (MPI) the budget is per node: "
                         "the ranks of one node share it")
     g.add_argument("--scratch", default=None,
                    help="folder for the scratch file when the particles exceed --max-memory (default: the "

@@ -134,7 +134,7 @@ def add_args(parser) -> None:
     add_memory_args(parser, "the particles' working-box spectra and CTFs",
                     "They take N × m × (m/2+1) × 12 bytes at working box m (200,000 particles at m = 32: "
                     "1.2 GB; at m = 64: 4.7 GB), more with pose refinement (a refined copy) and for the "
-                    "eigenvolume's residuals")
+                    "eigenvolume's residuals", initial_map=False)
     add_particle_args(parser)
 
 
