@@ -86,6 +86,28 @@ def log_tail(prot, lines: int = 40) -> str:
     return "\n".join(out)
 
 
+#: pyworkflow's errors for a protocol whose process (or queue job) is gone while its status says running
+_PROCESS_GONE = ("not found running on the machine", "not found running on the queue engine")
+
+
+def update_status(project, prot) -> None:
+    """``project._updateProtocol(prot)``, safe against a race in pyworkflow 3.x.
+
+    pyworkflow reads the run's database and only then takes the database's
+    time stamp, so a status the protocol writes in between (its last one,
+    "finished", just before its process exits) is never read: the process is
+    then gone while the status still says running, and the protocol is marked
+    failed ("Process N not found running on the machine", or "JOB ID N not
+    found running on the queue engine" for a queue job). When that happens
+    the run's database is read once more, its time stamp forgotten: a
+    protocol that did finish is then finished; one whose process died is
+    marked failed again."""
+    project._updateProtocol(prot)
+    if prot.isFailed() and any(text in (prot.getErrorMessage() or "") for text in _PROCESS_GONE):
+        prot.lastUpdateTimeStamp.set(None)
+        project._updateProtocol(prot)
+
+
 def launch_and_wait(project, prot, timeout: float = 600.0, expect_failure: bool = False,
                     poll_seconds: float = 1.0):
     """Launch ``prot`` and poll its status (``project._updateProtocol``) until it ends.
@@ -98,7 +120,7 @@ def launch_and_wait(project, prot, timeout: float = 600.0, expect_failure: bool 
     project.launchProtocol(prot, wait=False)
     t0 = time.time()
     while True:
-        project._updateProtocol(prot)
+        update_status(project, prot)
         if prot.isFinished() or prot.isFailed() or prot.isAborted():
             break
         if time.time() - t0 > timeout:

@@ -84,3 +84,35 @@ def test_import_fails_cleanly_on_missing_stack(project, tmp_path):
     prot = project.newProtocol(ProtGsplatImportParticlesStar, starFile=str(tmp_path / "bad.star"))
     launch_and_wait(project, prot, timeout=300, expect_failure=True)
     assert "not found" in prot.getErrorMessage()
+
+
+def test_a_status_written_as_the_process_exits_is_read(project, sim_small):
+    """pyworkflow reads a run's database and only then takes its time stamp: a
+    protocol whose last status ("finished") lands in between looks stale and
+    running with its process gone, and pyworkflow marks it failed. The
+    harness's poll re-reads the database then and finds it finished (a job that
+    really died stays failed: the scancel test in test_queue.py polls through
+    the same helper)."""
+    import subprocess
+    import sys
+    import pyworkflow.utils as pwutils
+    from scipion_gsplat.headless import update_status
+    from scipion_gsplat.protocols import ProtGsplatImportParticlesStar
+    prot = project.newProtocol(ProtGsplatImportParticlesStar, starFile=str(sim_small / "particles.star"))
+    launch_and_wait(project, prot, timeout=300)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def stale_running():  # what pyworkflow holds when it lost the race
+        prot.setStatus("running")
+        prot.setPid(dead.pid)
+        prot.lastUpdateTimeStamp.set(pwutils.getFileLastModificationDate(prot.getDbPath()))
+
+    stale_running()
+    update_status(project, prot)
+    assert prot.isFinished(), prot.getErrorMessage()
+    stale_running()
+    project._updateProtocol(prot)  # pyworkflow alone: the race's outcome
+    assert prot.isFailed() and "not found running" in prot.getErrorMessage()
+    update_status(project, prot)
+    assert prot.isFinished(), prot.getErrorMessage()

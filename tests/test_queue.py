@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scipion_gsplat.headless import launch_and_wait, log_tail
+from scipion_gsplat.headless import launch_and_wait, log_tail, update_status
 
 TEMPLATE = Path(__file__).parents[1] / "scripts" / "hosts_slurm.conf"
 
@@ -47,7 +47,7 @@ def _job_state(job_id, env) -> str:
 def _wait_running(project, prot, env, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        project._updateProtocol(prot)
+        update_status(project, prot)
         jobs = prot.getJobIds()
         if len(jobs) and _job_state(jobs[0], env) == "RUNNING" and prot.isActive():
             return int(jobs[0])
@@ -96,14 +96,14 @@ def test_a_controller_outage_does_not_fail_a_running_protocol(queue_project, imp
     try:
         t0 = time.time()
         while time.time() - t0 < 6.0:  # Scipion polls during the outage
-            queue_project._updateProtocol(prot)
+            update_status(queue_project, prot)
             assert not prot.isFailed(), prot.getErrorMessage()
             time.sleep(1.0)
     finally:
         subprocess.run(["slurmctld", "-f", slurm_queue["SLURM_CONF"]], check=True, env=slurm_queue)
     t0 = time.time()
     while not (prot.isFinished() or prot.isFailed()) and time.time() - t0 < 600:
-        queue_project._updateProtocol(prot)
+        update_status(queue_project, prot)
         time.sleep(1.0)
     assert prot.isFinished(), f"{prot.getErrorMessage()}\n{log_tail(prot)}"
     assert prot.outputVolume is not None
@@ -117,7 +117,7 @@ def test_a_cancelled_job_leaves_the_protocol_failed_and_resumable(queue_project,
     subprocess.run(["scancel", str(job)], check=True, env=slurm_queue)
     t0 = time.time()
     while not prot.isFailed() and time.time() - t0 < 120:
-        queue_project._updateProtocol(prot)
+        update_status(queue_project, prot)
         time.sleep(1.0)
     assert prot.isFailed(), prot.getStatus()
     assert not hasattr(prot, "outputVolume") or prot.outputVolume is None
