@@ -1,5 +1,9 @@
 """Protocols end to end in a real headless Scipion project."""
+import datetime
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -86,33 +90,55 @@ def test_import_fails_cleanly_on_missing_stack(project, tmp_path):
     assert "not found" in prot.getErrorMessage()
 
 
-def test_a_status_written_as_the_process_exits_is_read(project, sim_small):
-    """pyworkflow reads a run's database and only then takes its time stamp: a
-    protocol whose last status ("finished") lands in between looks stale and
-    running with its process gone, and pyworkflow marks it failed. The
-    harness's poll re-reads the database then and finds it finished (a job that
-    really died stays failed: the scancel test in test_queue.py polls through
-    the same helper)."""
-    import subprocess
-    import sys
-    import pyworkflow.utils as pwutils
-    from scipion_gsplat.headless import update_status
+def _finished_import(project, sim_small):
     from scipion_gsplat.protocols import ProtGsplatImportParticlesStar
     prot = project.newProtocol(ProtGsplatImportParticlesStar, starFile=str(sim_small / "particles.star"))
-    launch_and_wait(project, prot, timeout=300)
+    return launch_and_wait(project, prot, timeout=300)
+
+
+def _as_after_the_race(prot, stamp) -> None:
+    """What pyworkflow holds when it read the run's database just before the
+    run's last status write and took the time stamp (``stamp``) after it: the
+    run "running", its process (a pid that has ended) gone."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+    prot.setStatus("running")
+    prot.setPid(dead.pid)
+    prot.lastUpdateTimeStamp.set(stamp)
 
-    def stale_running():  # what pyworkflow holds when it lost the race
-        prot.setStatus("running")
-        prot.setPid(dead.pid)
-        prot.lastUpdateTimeStamp.set(pwutils.getFileLastModificationDate(prot.getDbPath()))
 
-    stale_running()
+def test_the_harness_poll_reads_a_status_written_as_the_process_exits(project, sim_small):
+    """pyworkflow reads a run's database and only then takes its time stamp; a
+    run whose last status ("finished") lands in between looks up to date and
+    running with its process gone, and pyworkflow marks it failed. The
+    harness's poll (``update_status``) then reads the database again and finds
+    it finished (a job that really died stays failed: the scancel test in
+    test_queue.py polls through the same helper)."""
+    from scipion_gsplat.headless import update_status
+    prot = _finished_import(project, sim_small)
+    later = datetime.datetime.now() + datetime.timedelta(hours=1)  # up to date whatever the run touches
+    _as_after_the_race(prot, later)
     update_status(project, prot)
     assert prot.isFinished(), prot.getErrorMessage()
-    stale_running()
+    _as_after_the_race(prot, later)
     project._updateProtocol(prot)  # pyworkflow alone: the race's outcome
     assert prot.isFailed() and "not found running" in prot.getErrorMessage()
     update_status(project, prot)
+    assert prot.isFinished(), prot.getErrorMessage()
+
+
+def test_a_project_window_that_lost_the_race_still_sees_the_run_finish(project, sim_small):
+    """pyworkflow alone (a project window, no harness re-read), with the time
+    stamp taken just after the run's last status write: our runs touch their
+    database once more a second after the end, so the window reads it again
+    and finds the run finished (without that touch it marks it failed)."""
+    import pyworkflow.utils as pwutils
+    prot = _finished_import(project, sim_small)
+    end = prot.endTime.datetime()
+    t0 = time.time()  # the run's process touches its database after its status says finished
+    while pwutils.getFileLastModificationDate(prot.getDbPath()) < end + datetime.timedelta(seconds=0.9) \
+            and time.time() - t0 < 5:
+        time.sleep(0.1)
+    _as_after_the_race(prot, end + datetime.timedelta(seconds=0.5))
+    project._updateProtocol(prot)
     assert prot.isFinished(), prot.getErrorMessage()

@@ -1,6 +1,9 @@
 """Shared pieces of the gsplat protocols: compute parameters and program calls."""
 from __future__ import annotations
 
+import os
+import time
+
 import pyworkflow.protocol.params as params
 from pyworkflow.protocol.constants import GPU_LIST, USE_GPU
 
@@ -10,8 +13,14 @@ from .. import Plugin
 PLUGIN_LABEL = "gsplat"
 
 
+#: seconds between a run's last status write and the second touch of its database (:meth:`GsplatLabelMixin._endRun`)
+FINAL_TOUCH_S = 1.0
+
+
 class GsplatLabelMixin:
-    """Run labels as "gsplat - <protocol label>".
+    """Shared by every gsplat protocol: run labels, and the end of a run.
+
+    Run labels read "gsplat - <protocol label>".
 
     Scipion names a new run ``<plugin name> - <label>`` and shows it in the
     Methods and Summary tabs as ``_<run name>_`` (italics); the plugin's module
@@ -23,6 +32,23 @@ class GsplatLabelMixin:
     def getClassLabel(cls, prependPackageName=True):
         label = cls.__dict__.get("_label", cls.__name__)
         return f"{PLUGIN_LABEL} - {label}" if prependPackageName else label
+
+    def _endRun(self):
+        """pyworkflow's end of a run, then the run's database touched once more,
+        a second later.
+
+        A project window (pyworkflow 3.x ``Project._updateProtocol``) reads a
+        run's database and only then takes the database's time stamp. When the
+        run writes its last status ("finished") in between, the window keeps
+        "running", believes itself up to date, and once the process is gone
+        marks the finished run failed ("Process N not found running on the
+        machine"). The later touch makes the window read the database again."""
+        super()._endRun()
+        time.sleep(FINAL_TOUCH_S)
+        try:
+            os.utime(self.getDbPath())
+        except OSError:  # the run's folder was deleted meanwhile: nothing to update
+            pass
 
 
 class GsplatProgramMixin(GsplatLabelMixin):
