@@ -297,8 +297,8 @@ class ImageReader:
             elif side != out.shape[-1]:
                 raise InputError(f"{self.stack_paths[c]}: box {side} differs from other stacks "
                                  f"({out.shape[-1]}); give rlnImageSize per optics group")
-            if g not in plans and sel[-1] - sel[0] == end - start - 1 and np.all(np.diff(sel) == 1):
-                self._read_stack(c, self.index[rows[sel]], out[sel[0]:sel[-1] + 1])  # in place
+            if g not in plans and np.all(np.diff(sel) == 1):  # consecutive output rows
+                self._read_stack(c, self.index[rows[sel]], out[sel[0]:sel[0] + len(sel)])  # in place
                 continue
             imgs = self._read_stack(c, self.index[rows[sel]])
             out[sel] = self._to_grid(imgs, plans[g]) if g in plans else imgs
