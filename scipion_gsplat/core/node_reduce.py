@@ -65,8 +65,8 @@ class NodeReducer:
         self.rank, self.size = rank, size
         self._sockets = sockets  # hub: one per other rank, in rank order; others: the hub's
 
-    @classmethod
-    def listen(cls, timeout_s: float, size: int = 64) -> tuple:
+    @staticmethod
+    def listen(timeout_s: float, size: int = 64) -> tuple:
         """The hub's side, first half: a listening socket in a private temporary
         folder, with room in its queue for ``size`` ranks. Returns ``(server, path)``."""
         folder = tempfile.mkdtemp(prefix="gsplat-ranks-")
