@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import psutil
 
@@ -97,19 +98,34 @@ def simulate(n: int, box: int, out: Path, threads: int, log: Path) -> dict:
                     "--threads", threads], log)
 
 
-def measure(cmd: list, log: Path, interval: float = 0.1, allow_failure: bool = False) -> dict:
+def measure(cmd: list, log: Path, interval: float = 0.1, allow_failure: bool = False,
+            also: Optional[str] = None) -> dict:
     """Run ``cmd``; its wall time, peak RSS (bytes, the process and its children)
-    and exit status (a failure raises unless ``allow_failure``)."""
+    and exit status (a failure raises unless ``allow_failure``).
+
+    ``also``: a string (e.g. the run's output folder) in the command lines of
+    processes that are not children of ``cmd`` but belong to the run, added to
+    the RSS: under ``srun`` the ranks are started by ``slurmd``, not by ``srun``."""
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT)
-        ps, peak = psutil.Process(proc.pid), 0
+        ps, peak, found, scanned = psutil.Process(proc.pid), 0, {}, 0.0
         while proc.poll() is None:
+            if also and time.perf_counter() - scanned > 1.0:  # a scan of every process: once a second
+                found = {p.pid: p for p in psutil.process_iter(["cmdline"])
+                         if any(also in str(a) for a in (p.info["cmdline"] or []))}
+                scanned = time.perf_counter()
             try:
-                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-                peak = max(peak, rss)
-            except psutil.Error:
-                pass
+                children = {c.pid: c for c in ps.children(recursive=True)}
+            except psutil.Error:  # the run ended meanwhile
+                children = {}
+            rss = 0
+            for p in {ps.pid: ps, **found, **children}.values():
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:  # the process ended meanwhile
+                    pass
+            peak = max(peak, rss)
             time.sleep(interval)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 and not allow_failure:

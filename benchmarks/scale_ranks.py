@@ -8,8 +8,11 @@ Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
    refined, default pose search), and ``gsplat_reconstruct_splat`` after its
    default local searches (``reconstruct_splat_aligned``), once as one process and once as two ranks
    (``torchrun --nproc-per-node 2``, or ``srun -N2 -n2`` with ``--srun`` on a
-   Slurm queue), each rank with ``--threads 1``: wall time, speedup, peak RSS
-   (all processes together) and particles per second per core. The outputs of
+   Slurm queue: two nodes, whose per-step sums go over TCP; ``--srun-nodes 1``:
+   ``srun -N1 -n2``, one node), each rank with ``--threads 1``: wall time,
+   speedup, peak RSS (all processes of the run together; under srun the ranks,
+   children of ``slurmd``, are found by their output folder) and particles per
+   second per core. The outputs of
    the two runs are compared (largest difference of the maps relative to the
    largest voxel; for the class refinement also the particles classified
    differently and the largest probability difference).
@@ -115,11 +118,11 @@ def simulate(n: int, box: int, out: Path, angpix: float, hinge: bool) -> None:
     subprocess.run([str(c) for c in cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def launcher(ranks: int, srun: bool) -> list:
+def launcher(ranks: int, srun: bool, srun_nodes: int = 2) -> list:
     if ranks == 1:
         return []
     if srun:
-        return ["srun", "-N", str(ranks), "-n", str(ranks)]
+        return ["srun", "-N", str(min(srun_nodes, ranks)), "-n", str(ranks)]
     return [BIN / "torchrun", "--nproc-per-node", str(ranks), "--master-port", str(29000 + os.getpid() % 900)]
 
 
@@ -136,14 +139,16 @@ def two_at_once(cmd_a: list, cmd_b: list, logs: tuple) -> float:
     return time.perf_counter() - t0
 
 
-def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list, ceiling: bool = False) -> list:
+def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list, ceiling: bool = False,
+                srun_nodes: int = 2) -> list:
     rows = []
     for name in programs:
         runs = {}
         for ranks in (1, 2):
             out = work / f"{name}_{ranks}"
-            cmd = launcher(ranks, srun) + PROGRAMS[name](star, out) + ["--threads", "1", "--device", "cpu"]
-            res = measure(cmd, work / f"{name}_{ranks}.log")
+            cmd = (launcher(ranks, srun, srun_nodes) + PROGRAMS[name](star, out)
+                   + ["--threads", "1", "--device", "cpu"])
+            res = measure(cmd, work / f"{name}_{ranks}.log", also=str(out) if srun else None)
             runs[ranks] = res
             print(f"  {name}, {ranks} rank(s): {res['wall_s']:.1f} s, peak RSS {res['peak_rss_bytes'] / 2 ** 30:.2f} GB",
                   flush=True)
@@ -241,6 +246,8 @@ def main(argv=None) -> None:
     p.add_argument("--ceiling", action="store_true",
                    help="also run two independent one-process copies at once: the machine's 2-rank ceiling")
     p.add_argument("--srun", action="store_true", help="two ranks through srun (a Slurm queue) instead of torchrun")
+    p.add_argument("--srun-nodes", type=int, default=2, choices=(1, 2),
+                   help="with --srun: the two ranks on two nodes (srun -N2; sums over TCP) or on one (srun -N1)")
     p.add_argument("--probe-memory", type=float, default=1.0,
                    help="GB touched once to report the machine's first-touch cost (0: none); see the docstring")
     p.add_argument("--quick", action="store_true", help="2,000 particles at 64 px; 500 at 128 px")
@@ -262,7 +269,7 @@ def main(argv=None) -> None:
             simulate(args.n, args.box, sim, 1.5, hinge=True)
             star = sim / "particles.star"
         rows = ranks_table(star, args.n, work, args.srun, [p for p in args.programs.split(",") if p],
-                          args.ceiling)
+                          args.ceiling, args.srun_nodes)
         if not args.star:
             shutil.rmtree(sim)
         thr = {}
@@ -272,7 +279,7 @@ def main(argv=None) -> None:
             thr = throughput(large / "particles.star", args.n_large, args.box_large, work)
         load = os.getloadavg()[0]
         note = (f"{os.cpu_count()} cores; load average {load:.1f} at the end; each rank --threads 1; "
-                f"2 ranks via {'srun -N2' if args.srun else 'torchrun'}")
+                f"2 ranks via {f'srun -N{args.srun_nodes} -n2' if args.srun else 'torchrun'}")
         write(Path(args.out), rows, thr, note, touch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
