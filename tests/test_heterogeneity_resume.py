@@ -152,7 +152,9 @@ def test_other_data_in_the_same_folder_is_not_resumed(tmp_path, stars, reference
 def test_motion_model_state_is_exact_where_the_saved_file_is_not():
     """The state keeps the raw parameters: rebuilt from it, the model (parts and
     amplitude motions included) renders exactly what it did; rebuilt from the
-    derived centres, amplitudes and widths of ``save`` it does not."""
+    derived centres, amplitudes and widths of ``save`` it does not: a Gaussian
+    that a refit has faded far below the others (log-amplitude -40) comes back
+    at the derived model's amplitude floor (1e-12 of the largest)."""
     import torch
 
     from scipion_gsplat.core.heterogeneity.motion_model import MotionModel, base_parameters
@@ -164,6 +166,7 @@ def test_motion_model_state_is_exact_where_the_saved_file_is_not():
                      torch.tensor(rng.integers(-1, 2, 50)), torch.tensor(rng.normal(0, 5, (2, 3)), dtype=torch.float32))
     with torch.no_grad():
         mm.base.raw["width"] += 0.3  # as a refit leaves them
+        mm.base.raw["log_amplitudes"][0] = -40.0  # faded by a refit, not yet pruned
     z = torch.tensor(rng.normal(0, 1, (4, mm.n_coordinates)), dtype=torch.float32)
     before = {k: v.detach().numpy() for k, v in mm.deformed(z).items()}
     back = MotionModel.from_state(dict(mm.state()))
@@ -173,7 +176,7 @@ def test_motion_model_state_is_exact_where_the_saved_file_is_not():
     derived = MotionModel(base_parameters(mm.to_model(), 2.0), mm.motions, mm.amp_motions, mm.amp_length_A,
                           mm.parts, mm.part_centres)  # what the state used to rebuild
     old = {k: v.detach().numpy() for k, v in derived.deformed(z).items()}
-    assert not all(np.array_equal(before[k], old[k]) for k in before)
+    assert not np.allclose(before["amplitudes"], old["amplitudes"], rtol=1e-3, atol=0)
 
 
 def test_signature_follows_rows_stacks_settings_and_files(tmp_path, stars):
