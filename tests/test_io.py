@@ -209,3 +209,7 @@ def test_reads_runs_gaps_and_other_stack_types_in_row_order(tmp_path):
         fh.truncate(1024 + 4 * 12 * 12 * 5 + 100)
     with pytest.raises(io.InputError, match="ended while reading image 6"):
         reader.read([4, 5, 6])
+    with open(tmp_path / "b.mrcs", "r+b") as fh:  # the same for a stack converted while read (int16)
+        fh.truncate(1024 + 2 * 12 * 12 * 3 + 10)
+    with pytest.raises(io.InputError, match=r"b\.mrcs: the file ended while reading image 4"):
+        reader.read([11, 12, 13])

@@ -188,13 +188,18 @@ class ImageReader:
                 while done < len(view):
                     got = os.preadv(fd, [view[done:]], pos + done)
                     if got <= 0:
-                        raise InputError(f"{self.stack_paths[code]}: the file ended while reading image "
-                                         f"{int(index[s]) + done // size + 1}")
+                        self._ended(code, int(index[s]) + done // size)
                     done += got
             else:
                 buf = os.pread(fd, size * (e - s), pos)
+                if len(buf) < size * (e - s):
+                    self._ended(code, int(index[s]) + len(buf) // size)
                 out[s:e] = np.frombuffer(buf, dtype=dtype).reshape(e - s, ny, nx)
         return out
+
+    def _ended(self, code: int, image: int) -> None:
+        """Raise the error of a stack that ends inside image ``image`` (0-based)."""
+        raise InputError(f"{self.stack_paths[code]}: the file ended while reading image {image + 1}")
 
     # ------------------------------------------------------------------ check
     def check(self) -> None:
