@@ -22,6 +22,12 @@ Part of the scale benchmark (issue 15; memory against N is ``scale.py``).
    perfectly and cost no communication (two busy cores share the memory bus
    and the last-level cache, so each copy runs slower than alone); the
    efficiency is the measured speedup over that ceiling.
+   With ``--repeats R`` each program runs R times at 1 rank and R times at 2
+   ranks, alternating (1, 2, 1, 2, …), and the table gives the median times and
+   their ratio, with every pair's speedup listed below it: on a shared virtual
+   machine the same run varied by ±15 % within minutes (measured: one rank of
+   the heterogeneity run took 132–159 s, two ranks 85–97 s), so one pair of
+   runs can miss or make a target by chance.
 2. Throughput at a large box: ``--n-large`` particles at ``--box-large`` px
    (default 2,000 at 256 px) reconstructed by ``gsplat_reconstruct_fourier
    --threads 1`` and by ``relion_reconstruct --ctf`` (one thread, RELION 3.1 has
@@ -43,6 +49,8 @@ Usage::
 
     python benchmarks/scale_ranks.py --quick          # 2,000 particles, 64 px; 500 at 128 px
     python benchmarks/scale_ranks.py --n 20000 --box 64 --n-large 2000 --box-large 256
+    python benchmarks/scale_ranks.py --star set/particles.star --programs gmm_heterogeneity \
+        --srun --srun-nodes 1 --repeats 3 --ceiling --n-large 0
 """
 from __future__ import annotations
 
@@ -140,31 +148,39 @@ def two_at_once(cmd_a: list, cmd_b: list, logs: tuple) -> float:
 
 
 def ranks_table(star: Path, n: int, work: Path, srun: bool, programs: list, ceiling: bool = False,
-                srun_nodes: int = 2) -> list:
+                srun_nodes: int = 2, repeats: int = 1) -> list:
     rows = []
     for name in programs:
-        runs = {}
-        for ranks in (1, 2):
-            out = work / f"{name}_{ranks}"
-            cmd = (launcher(ranks, srun, srun_nodes) + PROGRAMS[name](star, out)
-                   + ["--threads", "1", "--device", "cpu"])
-            res = measure(cmd, work / f"{name}_{ranks}.log", also=str(out) if srun else None)
-            runs[ranks] = res
-            print(f"  {name}, {ranks} rank(s): {res['wall_s']:.1f} s, peak RSS {res['peak_rss_bytes'] / 2 ** 30:.2f} GB",
-                  flush=True)
+        runs = {1: [], 2: []}
+        # 1 and 2 ranks alternate, so that a slow spell of a shared machine falls on both alike;
+        # every run writes a fresh folder (a rerun in the same one would resume from its checkpoints)
+        for rep in range(repeats):
+            for ranks in (1, 2):
+                out = work / f"{name}_{ranks}"
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = (launcher(ranks, srun, srun_nodes) + PROGRAMS[name](star, out)
+                       + ["--threads", "1", "--device", "cpu"])
+                res = measure(cmd, work / f"{name}_{ranks}.log", also=str(out) if srun else None)
+                runs[ranks].append(res)
+                print(f"  {name}, {ranks} rank(s){f', run {rep + 1}/{repeats}' if repeats > 1 else ''}: "
+                      f"{res['wall_s']:.1f} s, peak RSS {res['peak_rss_bytes'] / 2 ** 30:.2f} GB", flush=True)
+        walls = {r: [x["wall_s"] for x in runs[r]] for r in (1, 2)}
+        wall = {r: float(np.median(walls[r])) for r in (1, 2)}
+        rss = {r: max(x["peak_rss_bytes"] for x in runs[r]) / 2 ** 30 for r in (1, 2)}
         a = io.read_map(str(work / f"{name}_1" / MAPS[name]))[0]
         b = io.read_map(str(work / f"{name}_2" / MAPS[name]))[0]
-        rows.append({"program": name, "n": n, "wall_1": runs[1]["wall_s"], "wall_2": runs[2]["wall_s"],
-                     "speedup": runs[1]["wall_s"] / runs[2]["wall_s"],
-                     "rss_1_gb": runs[1]["peak_rss_bytes"] / 2 ** 30, "rss_2_gb": runs[2]["peak_rss_bytes"] / 2 ** 30,
-                     "per_s_per_core_1": n / runs[1]["wall_s"], "per_s_per_core_2": n / runs[2]["wall_s"] / 2,
+        rows.append({"program": name, "n": n, "wall_1": wall[1], "wall_2": wall[2],
+                     "speedup": wall[1] / wall[2], "walls_1": walls[1], "walls_2": walls[2],
+                     "speedups": [w1 / w2 for w1, w2 in zip(walls[1], walls[2])],
+                     "rss_1_gb": rss[1], "rss_2_gb": rss[2],
+                     "per_s_per_core_1": n / wall[1], "per_s_per_core_2": n / wall[2] / 2,
                      "map_difference": float(np.abs(a - b).max() / np.abs(a).max())})
         rows[-1].update(_class_differences(work / f"{name}_1", work / f"{name}_2"))
         if ceiling:
             cmds = [PROGRAMS[name](star, work / f"{name}_copy{c}") + ["--threads", "1", "--device", "cpu"]
                     for c in (1, 2)]
             together = two_at_once(*cmds, logs=(work / f"{name}_copy1.log", work / f"{name}_copy2.log"))
-            rows[-1].update(wall_two_copies=together, ceiling=2 * runs[1]["wall_s"] / together)
+            rows[-1].update(wall_two_copies=together, ceiling=2 * wall[1] / together)
             rows[-1]["efficiency"] = rows[-1]["speedup"] / rows[-1]["ceiling"]
             print(f"  {name}, two independent copies at once: {together:.1f} s: ceiling "
                   f"{rows[-1]['ceiling']:.2f}x, efficiency {rows[-1]['efficiency']:.2f}", flush=True)
@@ -221,6 +237,12 @@ def write(out_dir: Path, rows: list, thr: dict, note: str, touch: dict) -> None:
             lines.append(f"{r['program']}: {r['classes_differ']} particles classified differently, largest "
                          f"probability difference {r['probability_difference']:.1e}")
     for r in rows:
+        if len(r["speedups"]) > 1:
+            lines.append(f"{r['program']}: {len(r['speedups'])} alternating runs, medians above; 1 rank "
+                         + ", ".join(f"{w:.1f}" for w in r["walls_1"]) + " s; 2 ranks "
+                         + ", ".join(f"{w:.1f}" for w in r["walls_2"]) + " s; speedups "
+                         + ", ".join(f"{x:.2f}" for x in r["speedups"]))
+    for r in rows:
         if "ceiling" in r:
             lines.append(f"{r['program']}: two independent one-process copies at once {r['wall_two_copies']:.1f} s "
                          f"(alone {r['wall_1']:.1f} s): this machine's ceiling for 2 ranks {r['ceiling']:.2f}x; "
@@ -248,6 +270,10 @@ def main(argv=None) -> None:
     p.add_argument("--srun", action="store_true", help="two ranks through srun (a Slurm queue) instead of torchrun")
     p.add_argument("--srun-nodes", type=int, default=2, choices=(1, 2),
                    help="with --srun: the two ranks on two nodes (srun -N2; sums over TCP) or on one (srun -N1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each program at 1 and at 2 ranks, alternating; the table gives the median "
+                        "times (their speedup) and every run's speedup: on a shared machine one pair of runs "
+                        "can be ±15 %% off")
     p.add_argument("--probe-memory", type=float, default=1.0,
                    help="GB touched once to report the machine's first-touch cost (0: none); see the docstring")
     p.add_argument("--quick", action="store_true", help="2,000 particles at 64 px; 500 at 128 px")
@@ -269,7 +295,7 @@ def main(argv=None) -> None:
             simulate(args.n, args.box, sim, 1.5, hinge=True)
             star = sim / "particles.star"
         rows = ranks_table(star, args.n, work, args.srun, [p for p in args.programs.split(",") if p],
-                          args.ceiling, args.srun_nodes)
+                          args.ceiling, args.srun_nodes, args.repeats)
         if not args.star:
             shutil.rmtree(sim)
         thr = {}
