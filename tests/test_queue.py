@@ -22,11 +22,18 @@ def queue_project(slurm_queue, tmp_path_factory):
     saved = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = slurm_queue["SLURM_CONF"]
     cwd = os.getcwd()
+    # SCIPION_HOSTS is an absolute path here, and pyworkflow copies a project's hostsConf onto
+    # "<project>/<SCIPION_HOSTS>", which is then that same file: the Slurm template replaces the
+    # session's hosts.conf, which every project (and its protocols' processes) reads while this
+    # module runs. Put the session's back afterwards, or later modules' MPI runs would call srun.
+    hosts = Path(os.environ["SCIPION_HOSTS"])
+    hosts_text = hosts.read_text()
     proj = Manager().createProject("gsplat_queue", hostsConf=str(TEMPLATE),
                                    location=str(tmp_path_factory.mktemp("queue_projects")))
     os.chdir(proj.path)
     yield proj
     os.chdir(cwd)
+    hosts.write_text(hosts_text)
     if saved is None:
         os.environ.pop("SLURM_CONF", None)
     else:
