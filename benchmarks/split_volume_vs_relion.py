@@ -14,7 +14,8 @@ angle and 0.5 px on each origin (x and y) in the STAR file, named
 For each set: our modes (graph as in the thesis; graph; graph + 3D refinement;
 3D-pooled; both with consensus) at their defaults and, on pose-error sets, with
 fixed poses (``--sigma-ang 0``, where the program has the option; with
-``--our-sigma-ang X`` also with ``--sigma-ang X``); ``relion_refine --K 2
+``--our-sigma-ang X`` also with ``--sigma-ang X``, with ``--our-sigma-shift Y``
+with ``--sigma-shift Y``); ``relion_refine --K 2
 --tau2_fudge 4 --iter 25`` (Debian RELION 3.1, 2 threads) with ``--skip_align``
 (several seeds) and, on pose-error sets, with local searches (``--healpix_order 4
 --sigma_ang 2 --offset_range 2 --offset_step 1``, ``--relion-local-seeds``), both
@@ -26,11 +27,14 @@ output STAR file against the truth (RMS rotation angle in degrees / RMS 2D
 shift in pixels) and the speed ratio against RELION with local searches. RELION
 results are cached in ``<out>/<set>_<N>/results/relion_*`` (``seconds.txt`` =
 wall time) and reused; ``--relion-only`` runs just them (e.g. in the background
-with ``nice -n 10``). A second part times max-cut solvers on planted graphs.
+with ``nice -n 10``). One set's ARI moves by about ±0.01 from set to set (a few
+dozen particles of 4000); ``--set-seeds`` makes one independent set per
+simulator seed and adds the mean and SD of each method's ARI over them. A
+second part times max-cut solvers on planted graphs.
 
 Usage::
 
-    python benchmarks/split_volume_vs_relion.py [--sizes 4000 20000] [--relion-seeds 1 2 3]
+    python benchmarks/split_volume_vs_relion.py [--sizes 4000 20000] [--relion-seeds 1 2 3] [--set-seeds 123 41 7]
         [--sets conformational compositional subtle_0.1 ...] [--pose-errors 0 1 2] [--modes both pooled]
         [--relion-local-seeds 1] [--relion-only] [--maxcut-only] [--out DIR]
 """
@@ -149,9 +153,9 @@ def ours(sim: Path, work: Path, log_dir: Path, pose_variants: list, modes=MODES)
     return out
 
 
-def pose_variants(pose_error: float, our_sigma_ang) -> list:
+def pose_variants(pose_error: float, our_sigma_ang, our_sigma_shift=None) -> list:
     """Our refine_classes runs on a set: defaults and, with pose errors, fixed poses
-    (``--sigma-ang 0``) and ``--sigma-ang X``, when the program has the option."""
+    (``--sigma-ang 0``), ``--sigma-ang X`` and ``--sigma-shift Y``, when the program has the option."""
     variants = [("", [])]
     if not pose_error:
         return variants
@@ -161,6 +165,8 @@ def pose_variants(pose_error: float, our_sigma_ang) -> list:
     variants.append(("--sigma-ang 0", ["--sigma-ang", "0"]))
     if our_sigma_ang is not None:
         variants.append((f"--sigma-ang {our_sigma_ang:g}", ["--sigma-ang", f"{our_sigma_ang:g}"]))
+    if our_sigma_shift is not None:
+        variants.append((f"--sigma-shift {our_sigma_shift:g}", ["--sigma-shift", f"{our_sigma_shift:g}"]))
     return variants
 
 
@@ -182,36 +188,38 @@ def relion_references(sim: Path, work: Path, args, pose_error: float) -> list:
     return out
 
 
-def simulate(sim: Path, n: int, spec: dict, pose_error: float) -> None:
-    """The set, made once (seed from N: the pose-error variants have the same particles)."""
+def simulate(sim: Path, n: int, spec: dict, pose_error: float, seed=None) -> None:
+    """The set, made once (seed from N unless given: the pose-error variants have the same particles)."""
     if (sim / "particles.star").exists():
         return
     errors = ["--pose-error", pose_error, "--shift-error", SHIFT_ERROR_PX] if pose_error else []
     run([BIN / "gsplat_simulate", "-i", REPO / "tests/data/1aki.pdb", "-o", sim, "-n", n,
          "--box", 64, "--angpix", 1.5, "--snr", spec["snr"], "--populations", spec["pops"],
-         "--seed", 100 + n % 97, "--device", "cpu"] + spec["args"] + errors)
+         "--seed", 100 + n % 97 if seed is None else seed, "--device", "cpu"] + spec["args"] + errors)
 
 
 def classification_table(args) -> list:
     rows = []
     for n in args.sizes:
         for name in args.sets:
-            for pe in args.pose_errors:
-                spec, label = SETS[name], set_name(name, pe)
+            for pe, seed in [(pe, seed) for pe in args.pose_errors for seed in args.set_seeds or [None]]:
+                spec, family = SETS[name], set_name(name, pe)
+                label = family if seed is None else f"{family}_s{seed}"
                 sim = Path(args.out) / f"{label}_{n}"
-                simulate(sim, n, spec, pe)
+                simulate(sim, n, spec, pe, seed)
                 truth = np.load(sim / "ground_truth.npz")["labels"]
                 work = sim / "results"
                 logs = work / "logs"
                 logs.mkdir(parents=True, exist_ok=True)
-                base = {"set": label, "particles": n}
+                base = {"set": label, "family": family, "particles": n}
                 refs = (relion_references(sim, work, args, pe)
                         if args.relion_seeds or (pe and args.relion_local_seeds) else [])
                 if args.relion_only:
                     continue
                 rows.append({**base, "method": "input poses (STAR file)", "time_s": 0.0,
                              **score(np.ones(n, int), truth), "pose": rr.pose_errors(sim / "particles.star", sim)})
-                for method, folder, t in ours(sim, work, logs, pose_variants(pe, args.our_sigma_ang), args.modes):
+                variants = pose_variants(pe, args.our_sigma_ang, args.our_sigma_shift)
+                for method, folder, t in ours(sim, work, logs, variants, args.modes):
                     rows.append({**base, "method": method, "time_s": t,
                                  **score(classes(folder / "particles.star"), truth),
                                  "pose": rr.pose_errors(folder / "particles.star", sim)})
@@ -246,6 +254,15 @@ def print_classification(rows: list) -> None:
                 line += (f"; RELION {tag} {best['ari']:.3f} (ΔARI {mine['ari'] - best['ari']:+.3f}, "
                          f"ours {best['time_s'] / mine['time_s']:.1f}× faster)")
         print(line)
+    families = {(r["family"], r["particles"]) for r in rows}
+    if len(families) < len({(r["set"], r["particles"]) for r in rows}):
+        print("\nmean ± SD of the ARI over the sets made with --set-seeds (number of sets):")
+        for fam, n in sorted(families):
+            rs = [r for r in rows if (r["family"], r["particles"]) == (fam, n)]
+            for method in dict.fromkeys(r["method"] for r in rs):
+                a = np.array([r["ari"] for r in rs if r["method"] == method])
+                print(f"  {fam:<22} {n:>6}  {method:<52} {a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0:.3f}"
+                      f" ({len(a)})")
 
 
 def planted_graph(d: int, noise: float, seed: int):
@@ -294,6 +311,9 @@ def main() -> int:
     ap.add_argument("--pose-errors", type=float, nargs="+", default=[0.0, 1.0, 2.0],
                     help="σ of the pose error per Euler angle (degrees) of each variant of every set "
                          f"(0: exact poses; others add a {SHIFT_ERROR_PX} px origin error)")
+    ap.add_argument("--set-seeds", type=int, nargs="*", default=None,
+                    help="simulator seeds: one independent set per seed (folders <set>_s<seed>_<N>) and a "
+                         "table of the mean ARI; default one set per size, seeded from N (4000: seed 123)")
     ap.add_argument("--relion-seeds", type=int, nargs="*", default=[1, 2, 3],
                     help="seeds of RELION Class3D --skip_align")
     ap.add_argument("--relion-local-seeds", type=int, nargs="*", default=[1],
@@ -303,6 +323,9 @@ def main() -> int:
                     help="make the sets and run (or find cached) RELION references only")
     ap.add_argument("--our-sigma-ang", type=float, default=None,
                     help="also run our refine_classes modes with this --sigma-ang (degrees)")
+    ap.add_argument("--our-sigma-shift", type=float, default=None,
+                    help="also run our refine_classes modes with this --sigma-shift (pixels; the simulated "
+                         f"origin error is {SHIFT_ERROR_PX} px)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="our modes to run (both = the protocol's default, both with consensus)")
     ap.add_argument("--maxcut-only", action="store_true")

@@ -8,9 +8,11 @@ Examples::
 
 ``--init column`` refines ``rlnClassNumber`` with two free class maps (EM,
 fixed poses); ``--init pooled`` takes the leading eigenvolume of the residuals
-against the consensus map (low-passed, masked) and classifies each particle's
-coordinate on it with a two-class mixture that knows each coordinate's noise
-(weak for views in which the difference projects weakly); ``--init both`` does
+against the consensus map (low-passed, masked, then cut to where it is strong)
+and classifies each particle's coordinate on it with a two-class mixture that
+knows each coordinate's noise (weak for views in which the difference projects
+weakly) or, with poses refined (``--pooled-classes evidence``, the default), by
+its likelihood under the two class maps summed over local poses; ``--init both`` does
 both and keeps the pooled split when its half-set eigenvolumes agree
 (``--support``), the refined column split otherwise (``--choose reproducible``:
 the candidate whose class difference the two half sets, each classified
@@ -114,6 +116,17 @@ def add_args(parser) -> None:
                             "particles with 2° / 0.5 px errors, ARI -0.01 → 0.83 on a 5 %% pair at SNR 0.1 and "
                             "0.71 → 0.80 on an 85/15 pair at SNR 0.02, without a pose search; after the search "
                             "(--sigma-ang > 0) it adds nothing, and with exact poses it costs ~0.02 ARI")
+    poses.add_argument("--pooled-classes", choices=("evidence", "mixture"), default="evidence",
+                       help="--init pooled/both with --sigma-ang > 0: how the 3D-pooled split assigns particles. "
+                            "evidence (default): each particle's likelihood under the two class maps "
+                            "(consensus ± the eigenvolume), summed over a local pose search around its pose for "
+                            "each map, with the class fractions as prior (two more local searches, each about as "
+                            "long as the consensus pose refinement). mixture: a two-class mixture of the "
+                            "particles' coordinates along the eigenvolume at the consensus poses (always used "
+                            "with fixed poses). The poses are searched around the input poses, with the prior "
+                            "of --sigma-ang / --sigma-shift. Measured on six 85/15 sets (4000 particles, SNR "
+                            "0.02, 2° / 0.5 px errors): ARI 0.811 (mixture) → 0.824 (evidence) on average; "
+                            "0.837 with --sigma-shift 0.5, the simulated error")
     poses.add_argument("--consensus-rounds", type=int, default=1,
                        help="rounds of pose refinement against the consensus map before the eigenvolume "
                             "and the two-class refinement (with --sigma-ang > 0)")
@@ -280,6 +293,7 @@ def _main(args, workspace: SpectraWorkspace) -> None:
     data = load_spectra(star, reader, work, device, progress=Progress("reading particles") if world.is_main else None,
                         workspace=workspace, copies=copies, log=log, world=world)
     consensus_shift = np.zeros((len(data), 2))
+    input_data = data  # the particles at their input poses (the pooled split's evidence searches around them)
     summary = {"working_box": work, "working_pixel_A": data.pixel_size_A}
     if search is not None:
         _print(f"gsplat_refine_classes: refining poses against the consensus map (σ {args.sigma_ang}°, "
@@ -297,13 +311,16 @@ def _main(args, workspace: SpectraWorkspace) -> None:
     pool = None
     if init in ("pooled", "both"):
         pool = pooled.pooled_split(data, consensus, mask, args.lowpass, args.eigen_iterations,
-                                   seed=args.seed, progress=log, without_shifts=args.without_shifts)
+                                   seed=args.seed, progress=log, without_shifts=args.without_shifts,
+                                   search=search if args.pooled_classes == "evidence" else None,
+                                   search_data=input_data)
         starts["pooled"] = pool.probabilities
         summary.update(pooled_half_agreement=pool.half_agreement, pooled_bimodality=pool.bimodality,
-                       pooled_eigenvalue=pool.eigenvalue)
+                       pooled_eigenvalue=pool.eigenvalue, pooled_classifier=pool.classifier)
         sizes = data.sum_over_ranks(np.bincount(pool.classes, minlength=3)[1:])
         _print(f"gsplat_refine_classes: eigenvolume half-set agreement {pool.half_agreement:.3f}, "
                f"bimodality {pool.bimodality:.2f}, classes {[int(k) for k in sizes]}", flush=True)
+    input_data = None  # freed before the class refinement (its per-class pose copies)
     results = {}
     for name, q0 in starts.items():
         if args.iterations > 0 and (name == "column" or args.refine_pooled):

@@ -49,6 +49,22 @@ def test_pose_refinement_separates_a_pair_fixed_poses_cannot(sim_pose_error, tmp
     assert np.all(out.column("rlnGsplatAngleChange") >= 0)
 
 
+def test_pooled_classes_option_is_recorded_and_both_classifiers_find_the_pair(sim_pose_error, tmp_path):
+    """--pooled-classes evidence (default with a pose search) and mixture both
+    separate the pair; summary.star says which one assigned the particles, and
+    fixed poses always use the mixture."""
+    truth = np.load(sim_pose_error / "ground_truth.npz")["labels"]
+    common = ["-i", str(sim_pose_error / "particles.star"), "--init", "pooled", "--iterations", "0",
+              "--eigen-iterations", "6", "--device", "cpu", "--sigma-shift", "0.5"]
+    runs = {"evidence": [], "mixture": ["--pooled-classes", "mixture"], "fixed": ["--sigma-ang", "0"]}
+    for name, extra in runs.items():
+        assert refine_classes.run(common + ["-o", str(tmp_path / name)] + extra) == 0
+        summary = io.read_star_table(tmp_path / name / "summary.star", "summary")
+        assert summary["rlnGsplatPooledClassifier"].iloc[0] == ("mixture" if name == "fixed" else name)
+    for name in ("evidence", "mixture"):
+        assert accuracy(_classes(tmp_path / name / "particles.star"), truth) > 0.9, name
+
+
 def test_without_shifts_rescues_fixed_poses(sim_pose_error, tmp_path):
     """Poses kept as given, the residuals' origin-error span removed: the pair
     that the fixed poses lose is found again, with no pose search."""
@@ -60,6 +76,29 @@ def test_without_shifts_rescues_fixed_poses(sim_pose_error, tmp_path):
     plain = accuracy(_classes(tmp_path / "plain" / "particles.star"), truth)
     without = accuracy(_classes(tmp_path / "without" / "particles.star"), truth)
     assert plain < 0.65 and without > 0.85, (plain, without)  # measured 0.50 and 0.92
+
+
+def test_pooled_evidence_is_the_prior_when_the_class_maps_are_the_same(sim_pose_error):
+    """Two identical class maps (both class means 0) explain every particle
+    equally: the evidence classifier returns the class fractions, whatever the
+    poses; distinct maps move the probabilities away from them."""
+    from scipion_gsplat.core.split_volume import pooled
+    star = io.read_particles(sim_pose_error / "particles.star")
+    data = load_spectra(star, io.ImageReader(star), 24)
+    consensus, _ = refine._reconstruct(data, np.arange(len(data)), np.ones(len(data)))
+    sigma2 = refine.noise_spectrum(data, consensus)
+    v = np.random.default_rng(0).normal(size=consensus.shape).astype(np.float32)
+    v /= np.linalg.norm(v)
+    search = LocalSearch(sigma_ang_deg=2.0, sigma_shift_A=1.0, levels=1)
+    rows = np.arange(64)
+    sub = data.subset(rows)
+    same = pooled.evidence_probabilities(sub, consensus, v, np.zeros(2), np.array([0.7, 0.3]), sigma2, search)
+    assert same.shape == (64, 2) and np.allclose(same, [0.7, 0.3], atol=1e-9)
+    scale = float(np.linalg.norm(consensus))
+    apart = pooled.evidence_probabilities(sub, consensus, v, np.array([0.0, scale]), np.array([0.7, 0.3]),
+                                          sigma2, search)
+    assert np.allclose(apart.sum(1), 1) and np.abs(apart[:, 0] - 0.7).max() > 0.2
+    assert apart[:, 0].mean() > 0.9  # the map with noise added explains the particles worse
 
 
 def test_per_class_poses(sim_pose_error):

@@ -46,6 +46,32 @@ def mask_from_map(vol: np.ndarray, pixel_size_A: float, lowpass_A: float = 15.0,
     if n > 1:
         sizes = ndimage.sum(binary, labels, index=np.arange(1, n + 1))
         binary = labels == (1 + int(np.argmax(sizes)))
+    return _soft_dilation(binary, pixel_size_A, dilate_A, edge_A)
+
+
+def mask_from_difference(diff: np.ndarray, pixel_size_A: float, lowpass_A: float = 10.0,
+                         threshold: float = 0.3, dilate_A: float = 6.0, edge_A: float = 3.0) -> np.ndarray:
+    """Soft mask around where a difference map (e.g. a residual eigenvolume) is strong.
+
+    Unlike :func:`mask_from_map`, the sign does not matter and every region is
+    kept: ``|lowpass(diff)|`` is thresholded at ``threshold`` × its maximum,
+    dilated by ``dilate_A`` and given a raised-cosine edge of ``edge_A``. A
+    moved domain leaves a positive and a negative lobe; both stay in the mask.
+
+    Returns:
+        float32 ``[z, y, x]`` mask in [0, 1] (all zero for an all-zero map).
+    """
+    from .fsc import lowpass
+    strength = np.abs(lowpass(diff, pixel_size_A, lowpass_A))
+    peak = float(strength.max())
+    if not peak > 0:
+        return np.zeros(strength.shape, np.float32)
+    return _soft_dilation(strength > threshold * peak, pixel_size_A, dilate_A, edge_A)
+
+
+def _soft_dilation(binary: np.ndarray, pixel_size_A: float, dilate_A: float, edge_A: float) -> np.ndarray:
+    """``binary`` dilated by ``dilate_A`` (Å) with a raised-cosine edge ``edge_A`` (Å) wide."""
+    from scipy import ndimage
     dist = ndimage.distance_transform_edt(~binary) * pixel_size_A
     t = np.clip((dist - dilate_A) / max(edge_A, 1e-6), 0.0, 1.0)
     return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)

@@ -67,8 +67,10 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
                            "graph + 3D refinement: the graph split refined in 3D (a two-class EM with "
                            "fixed poses, like RELION's Class3D with K=2 and --skip_align started from it). "
                            "3D-pooled: the leading eigenvolume of the residuals against the consensus map "
-                           "(at 8 Å, masked) and a two-class mixture of each particle's coordinate on it, "
-                           "akin to a one-mode CryoSPARC 3D variability analysis. both with consensus "
+                           "(at 8 Å, masked, then cut to where it is strong) and a two-class mixture of each "
+                           "particle's coordinate on it, akin to a one-mode CryoSPARC 3D variability analysis; "
+                           "with a pose error set, each particle then goes to the class map that explains it "
+                           "better over a local pose search (as RELION's Class3D). both with consensus "
                            "(default): both; the pooled split when its half sets agree, else the refined "
                            "graph split.")
         form.addParam("numberOfClasses", params.IntParam, default=2, label="Number of classes",

@@ -13,7 +13,13 @@ squares (as in 3D variability analysis), in noise-whitened Fourier space::
 
 With its degrees of freedom capped — ``v`` is low-passed (8 Å by default) and
 masked tightly (a mask from the consensus map) after every update — the
-iteration does not lock onto noise. A two-class mixture on ``c_p`` in which
+iteration does not lock onto noise. The converged eigenvolume is then cut
+to where it is strong (:func:`..masks.mask_from_difference`: ``|v|`` at 10 Å
+above 0.3 × its peak, dilated by 6 Å): outside, it holds only noise, which
+dilutes every particle's coordinate. Measured on six 85/15 compositional sets
+(4000 particles, SNR 0.02, 2° / 0.5 px pose errors): correlation with the true
+8 Å difference 0.89–0.90 → 0.95–0.97, ARI 0.794 → 0.811 on average (higher on
+all six; the true difference map itself gives 0.817). A two-class mixture on ``c_p`` in which
 each coordinate has its own noise variance ``κ/‖CTF_p P_p v‖²``
 (:func:`two_class_mixture`) then gives classes and probabilities; on the
 benchmark sets it beat an equal-variance GMM on all five (e.g. an 85/15
@@ -27,7 +33,7 @@ the mixtures are fitted to the gathered coordinates, the same on every rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -36,6 +42,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from ..fsc import lowpass
+from ..masks import mask_from_difference
 from ..particle_spectra import ParticleSpectra, PassProgress, spectra_bytes
 from ..reconstruct import FourierAccumulator
 from .refine import noise_spectrum
@@ -58,6 +65,12 @@ class PooledResult:
     #: ``(N, 2)``: each half set classified on its own half's eigenvolume
     #: (independent of the other half; for held-out scores), classes aligned
     half_probabilities: Optional[np.ndarray] = None
+    #: ``(2,)``: the mixture's class means (coordinates along the unit-norm
+    #: eigenvolume; class ``k`` map = consensus + mean_k · eigenvolume) and fractions
+    class_means: Optional[np.ndarray] = None
+    fractions: Optional[np.ndarray] = None
+    #: how ``probabilities`` were made: ``mixture`` or ``evidence`` (:func:`evidence_probabilities`)
+    classifier: str = "mixture"
 
 
 class _Residuals:
@@ -177,10 +190,15 @@ def _pass(data: ParticleSpectra, v: np.ndarray, resid: _Residuals, acc: Optional
 def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, sigma2: np.ndarray,
                 lowpass_A: float, rows: Optional[np.ndarray] = None, n_iter: int = 15, seed: int = 0,
                 progress: Optional[Callable[[str], None]] = None, label: str = "eigenvolume",
-                without_shifts: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+                without_shifts: bool = False, difference_mask: bool = True
+                ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Leading residual eigenvolume (unit norm) and ``(coordinates, sensitivities)``
     of ``rows`` (:func:`_coordinates`); one pass over the particles per
-    iteration (whitened residuals kept in RAM or recomputed, :class:`_Residuals`)."""
+    iteration (whitened residuals kept in RAM or recomputed, :class:`_Residuals`).
+
+    ``difference_mask``: the converged eigenvolume is multiplied by a mask
+    around its own strong region (:func:`..masks.mask_from_difference`) before
+    the coordinates are computed (module docstring)."""
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     m, pix = data.box, data.pixel_size_A
     max_shell = int(min(m // 2, m * pix / lowpass_A + 1))
@@ -203,6 +221,10 @@ def eigenvolume(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray, 
             progress(f"{label} iteration {it + 1}: 1 − |cos| = {change:.2e}")
         if change < 1e-5:
             break
+    if difference_mask:
+        cut = v * mask_from_difference(v, pix)
+        if np.linalg.norm(cut) > 0:
+            v = cut / np.linalg.norm(cut)
     return v, _pass(data, v, resid, None, PassProgress(progress, f"{label} coordinates", len(rows)))
 
 
@@ -249,12 +271,18 @@ def two_class_mixture(coord: np.ndarray, sensitivity: np.ndarray, seed: int = 0,
 
 def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
                  lowpass_A: float = 8.0, n_iter: int = 15, seed: int = 0,
-                 progress: Optional[Callable[[str], None]] = None, without_shifts: bool = False) -> PooledResult:
+                 progress: Optional[Callable[[str], None]] = None, without_shifts: bool = False,
+                 search=None, search_data: Optional[ParticleSpectra] = None) -> PooledResult:
     """Eigenvolume of all particles, coordinates, mixture classes, half-set support.
 
     ``without_shifts``: the residuals lose their component along the
     consensus projection's origin derivatives (:class:`_Residuals`), which
-    origin errors fill."""
+    origin errors fill. ``search`` (a :class:`..poses.local_search.LocalSearch`):
+    the classes of all particles come from :func:`evidence_probabilities`
+    instead of the mixture (the half sets' stay the mixture's), the poses
+    searched around those of ``search_data`` (default ``data``): the same
+    particles at their input poses, so that the search's prior is the one the
+    consensus pose refinement started from."""
     sigma2 = noise_spectrum(data, consensus, progress=progress)
     v, (coord, sens) = eigenvolume(data, consensus, mask, sigma2, lowpass_A, None, n_iter, seed, progress,
                                    without_shifts=without_shifts)
@@ -264,8 +292,46 @@ def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
             for h, rows in enumerate(halves)]
     agreement = abs(float((half[0][0] * half[1][0]).sum()))  # unit norm, masked; sign is arbitrary
     if data.sharded:  # the mixtures are fitted to every rank's coordinates, the same on each rank
-        return _gathered_split(data, v, coord, sens, half, agreement, seed)
-    return _mixture_split(v, coord, sens, halves, half, agreement, seed)
+        res = _gathered_split(data, v, coord, sens, half, agreement, seed)
+    else:
+        res = _mixture_split(v, coord, sens, halves, half, agreement, seed)
+    if search is None:
+        return res
+    prob = evidence_probabilities(data if search_data is None else search_data, consensus, v, res.class_means,
+                                  res.fractions, sigma2, search, progress)
+    return replace(res, probabilities=prob, classes=np.argmax(prob, 1) + 1, classifier="evidence")
+
+
+def evidence_probabilities(data: ParticleSpectra, consensus: np.ndarray, v: np.ndarray, means: np.ndarray,
+                           fractions: np.ndarray, sigma2: np.ndarray, search,
+                           progress: Optional[Callable[[str], None]] = None) -> np.ndarray:
+    """Class probabilities ``(N, 2)`` from each particle's marginal likelihood
+    under the two class maps ``consensus + means[k]·v``, its pose searched
+    locally around the current one (:func:`..poses.local_search.refine_poses`,
+    its ``log_evidence``), with the class ``fractions`` as prior.
+
+    The mixture scores a particle at one pose, refined against the consensus
+    map, which a particle of the minority state fits worse; here each class
+    map finds its own best poses and the likelihood is summed over them, as in
+    RELION's Class3D expectation step. ``data``'s poses are the centre of the
+    search: the input poses (the consensus pose refinement's starting point,
+    with the same ``search`` prior) rather than the refined ones, which the
+    consensus map has pulled towards the majority state. Measured on six 85/15
+    compositional sets (4000 particles, SNR 0.02, 2° / 0.5 px errors, ``σ``
+    2° / 1 px) against the mixture: ARI 0.811 → 0.821 around the refined poses
+    → 0.824 around the input poses on average, not lower on any set; with the
+    simulated origin error as ``σ`` (0.5 px) 0.837, where the same rule with
+    the two true maps and the true 85/15 prior gives 0.857. Two more local
+    searches, each about as long as the consensus pose refinement."""
+    from ..poses.local_search import refine_poses
+    log_ev = []
+    for k in range(2):
+        if progress:
+            progress(f"local-pose evidence under class map {k + 1}")
+        log_ev.append(refine_poses(data, consensus + float(means[k]) * v, sigma2, search,
+                                   progress=progress).log_evidence)
+    logp = np.stack(log_ev, 1) + np.log(np.clip(np.asarray(fractions, float), 1e-6, 1.0))[None]
+    return softmax(logp, axis=1)
 
 
 def _gathered_split(data: ParticleSpectra, v, coord, sens, half, agreement, seed) -> PooledResult:
@@ -278,17 +344,17 @@ def _gathered_split(data: ParticleSpectra, v, coord, sens, half, agreement, seed
     half_coords = [(hv, tuple(data.gather_rows(x)[0] for x in cs)) for hv, cs in half]
     res = _mixture_split(v, coord_all, sens_all, halves_all, half_coords, agreement, seed)
     return PooledResult(v, coord, res.classes[mine], res.probabilities[mine], res.eigenvalue, agreement,
-                        res.bimodality, res.half_probabilities[mine])
+                        res.bimodality, res.half_probabilities[mine], res.class_means, res.fractions)
 
 
 def _mixture_split(v, coord, sens, halves, half, agreement, seed) -> PooledResult:
     """Classes of the coordinates along ``v`` (:func:`two_class_mixture`; class
     1 the larger) and of each half set's coordinates along its own eigenvolume
     (``half``: ``[(v_h, (coordinates, sensitivities))]``, labels aligned)."""
-    prob, _, _, bimod = two_class_mixture(coord, sens, seed)
+    prob, means, fractions, bimod = two_class_mixture(coord, sens, seed)
     classes = np.argmax(prob, 1) + 1
     if (classes == 1).sum() < (classes == 2).sum():  # class 1 = the larger class
-        prob, classes = prob[:, ::-1], 3 - classes
+        prob, classes, means, fractions = prob[:, ::-1], 3 - classes, means[::-1], fractions[::-1]
     half_prob = np.zeros_like(prob)
     for rows, (_, (hc, hs)) in zip(halves, half):
         if len(rows) < 2:
@@ -298,4 +364,5 @@ def _mixture_split(v, coord, sens, halves, half, agreement, seed) -> PooledResul
         if (np.argmax(hp, 1) == classes[rows] - 1).mean() < 0.5:  # label order as the full split
             hp = hp[:, ::-1]
         half_prob[rows] = hp
-    return PooledResult(v, coord, classes, prob, float(np.var(coord)), agreement, bimod, half_prob)
+    return PooledResult(v, coord, classes, prob, float(np.var(coord)), agreement, bimod, half_prob,
+                        np.array(means, float), np.array(fractions, float))
