@@ -56,11 +56,18 @@ def test_pooled_classes_option_is_recorded_and_both_classifiers_find_the_pair(si
     truth = np.load(sim_pose_error / "ground_truth.npz")["labels"]
     common = ["-i", str(sim_pose_error / "particles.star"), "--init", "pooled", "--iterations", "0",
               "--eigen-iterations", "6", "--device", "cpu", "--sigma-shift", "0.5"]
-    runs = {"evidence": [], "mixture": ["--pooled-classes", "mixture"], "fixed": ["--sigma-ang", "0"]}
+    runs = {"evidence": [], "mixture": ["--pooled-classes", "mixture", "--shift-prior", "fixed"],
+            "fixed": ["--sigma-ang", "0"]}
     for name, extra in runs.items():
         assert refine_classes.run(common + ["-o", str(tmp_path / name)] + extra) == 0
         summary = io.read_star_table(tmp_path / name / "summary.star", "summary")
         assert summary["rlnGsplatPooledClassifier"].iloc[0] == ("mixture" if name == "fixed" else name)
+        # the origin prior is estimated by default (simulated 0.5 px per axis), kept with --shift-prior fixed
+        estimated = "rlnGsplatSigmaShiftEstimatedPx" in summary
+        assert estimated == (name == "evidence"), name
+        if estimated:
+            assert 0.3 < float(summary["rlnGsplatSigmaShiftEstimatedPx"].iloc[0]) < 0.75
+        assert ("rlnGsplatEvidenceIterations" in summary) == (name == "evidence")
     for name in ("evidence", "mixture"):
         assert accuracy(_classes(tmp_path / name / "particles.star"), truth) > 0.9, name
 
@@ -82,7 +89,7 @@ def test_pooled_evidence_is_the_prior_when_the_class_maps_are_the_same(sim_pose_
     """Two identical class maps (both class means 0) explain every particle
     equally: the evidence classifier returns the class fractions, whatever the
     poses; distinct maps move the probabilities away from them."""
-    from scipion_gsplat.core.split_volume import pooled
+    from scipion_gsplat.core.split_volume import evidence, pooled
     star = io.read_particles(sim_pose_error / "particles.star")
     data = load_spectra(star, io.ImageReader(star), 24)
     consensus, _ = refine._reconstruct(data, np.arange(len(data)), np.ones(len(data)))
@@ -92,13 +99,65 @@ def test_pooled_evidence_is_the_prior_when_the_class_maps_are_the_same(sim_pose_
     search = LocalSearch(sigma_ang_deg=2.0, sigma_shift_A=1.0, levels=1)
     rows = np.arange(64)
     sub = data.subset(rows)
-    same = pooled.evidence_probabilities(sub, consensus, v, np.zeros(2), np.array([0.7, 0.3]), sigma2, search)
+    same = evidence.evidence_probabilities(sub, consensus, v, np.zeros(2), np.array([0.7, 0.3]), sigma2, search)
     assert same.shape == (64, 2) and np.allclose(same, [0.7, 0.3], atol=1e-9)
     scale = float(np.linalg.norm(consensus))
-    apart = pooled.evidence_probabilities(sub, consensus, v, np.array([0.0, scale]), np.array([0.7, 0.3]),
+    apart = evidence.evidence_probabilities(sub, consensus, v, np.array([0.0, scale]), np.array([0.7, 0.3]),
                                           sigma2, search)
     assert np.allclose(apart.sum(1), 1) and np.abs(apart[:, 0] - 0.7).max() > 0.2
     assert apart[:, 0].mean() > 0.9  # the map with noise added explains the particles worse
+
+
+def test_the_class_difference_from_the_posteriors_and_the_evidence_rounds(sim_pose_error):
+    """The maximisation step weighted by the true classes recovers the true
+    difference of the two states better than the pooled eigenvolume, with
+    class means of opposite sign; a round of it inside the evidence keeps
+    the pair and gives fractions near the simulated 50/50."""
+    from scipion_gsplat.core import masks
+    from scipion_gsplat.core.fsc import lowpass
+    from scipion_gsplat.core.split_volume import evidence, pooled
+    star = io.read_particles(sim_pose_error / "particles.star")
+    labels = np.load(sim_pose_error / "ground_truth.npz")["labels"]
+    inp = load_spectra(star, io.ImageReader(star), 24)
+    search = LocalSearch(sigma_ang_deg=2.0, sigma_shift_A=1.0, levels=2)
+    data, consensus, _ = refine.refine_consensus_poses(inp, search)
+    mask = masks.mask_from_map(consensus, data.pixel_size_A)
+    sigma2 = refine.noise_spectrum(data, consensus)
+    v, (coord, sens) = pooled.eigenvolume(data, consensus, mask, sigma2, 8.0, n_iter=6)
+    _, means, fractions, _ = pooled.two_class_mixture(coord, sens)
+    truth = []
+    for k in (1, 2):  # the true maps at the working box (Fourier crop)
+        from scipion_gsplat.core.fourier import crop_to
+        import torch
+        vol = torch.from_numpy(io.read_map(sim_pose_error / f"truth_state{k}.mrc")[0].astype(np.float32))
+        ft = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(vol)))
+        truth.append(torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(crop_to(ft, 24, 3)))).real.numpy())
+    true_diff = lowpass(truth[1] - truth[0], data.pixel_size_A, 6.0) * mask
+    corr = lambda x: abs(float((x * true_diff).sum())) / np.linalg.norm(x) / np.linalg.norm(true_diff)
+    q_true = np.eye(2)[labels - 1]
+    v_true, a_true = evidence.rank_one_update(data, consensus, mask, sigma2, q_true, means, 6.0)
+    assert corr(v_true) > max(corr(v), 0.9), (corr(v_true), corr(v))  # measured 0.959 against 0.950
+    assert a_true[0] * a_true[1] < 0
+    res = evidence.evidence_classes(data, inp, consensus, mask, v, means, fractions, sigma2, search, iterations=1)
+    assert res.probabilities.shape == (len(data), 2) and np.allclose(res.probabilities.sum(1), 1)
+    assert accuracy(np.argmax(res.probabilities, 1) + 1, labels) > 0.9
+    assert abs(res.fractions[0] - 0.5) < 0.1 and np.isclose(np.linalg.norm(res.v), 1, atol=1e-5)
+
+
+def test_the_origin_prior_is_estimated_from_the_particles(sim_pose_error):
+    """Empirical Bayes on the origin prior: from a prior four times too wide
+    and from one two and a half times too narrow, the estimate comes near the
+    simulated 0.5 px (1 Å) per axis; the angular prior is kept."""
+    star = io.read_particles(sim_pose_error / "particles.star")
+    data = load_spectra(star, io.ImageReader(star), 24)
+    before = data.poses.copy()
+    for start in (4.0, 0.4):
+        search = LocalSearch(sigma_ang_deg=2.0, sigma_shift_A=start, levels=2)
+        out, history = refine.estimate_origin_prior(data, search, max_particles=500, iterations=4)
+        assert len(history) == 4 and out.sigma_ang_deg == 2.0
+        assert 0.6 < out.sigma_shift_A < 1.5, (start, history)
+        assert abs(history[-1] - 1.0) < abs(start - 1.0)
+    assert np.array_equal(data.poses, before)  # the input particles are not changed
 
 
 def test_per_class_poses(sim_pose_error):

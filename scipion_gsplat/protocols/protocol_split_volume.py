@@ -120,7 +120,9 @@ class ProtGsplatSplitVolume(GsplatProgramMixin, ProtClassify3D):
         form.addParam("sigmaShift", params.FloatParam, default=1.0, label="Pose error: origins (px)",
                       condition="sigmaAng > 0",
                       help="Expected error of the input origins (pixels of the input images, σ of a "
-                           "Gaussian prior per axis); the search reaches about 3σ. Typical 0.5-2 px.")
+                           "Gaussian prior per axis); the search reaches about 3σ. It is the starting value: "
+                           "the program re-estimates it from the particles (empirical Bayes; the estimate is "
+                           "in the run's summary.star). Typical 0.5-2 px.")
         form.addParam("supportThreshold", params.FloatParam, default=0.5, expertLevel=params.LEVEL_ADVANCED,
                       label="Split support threshold",
                       help="With 3 or more classes: a further split is kept only when the eigenvolumes "

@@ -41,7 +41,7 @@ give the same errors as a 2-level grid at step σ with twice the slices.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -369,6 +369,43 @@ def apply_update(data: ParticleSpectra, update: PoseUpdate) -> None:
     idx = torch.as_tensor(rows, device=data.device)
     phase = shift_phase(as_tensor(update.delta_origin_A, data.device), data.box, data.pixel_size_A)
     data.spectra[idx] = (data.spectra[idx] * phase).to(data.spectra.dtype)
+
+
+def estimate_shift_prior(data: ParticleSpectra, reference: np.ndarray, sigma2: np.ndarray,
+                         search: LocalSearch, rows: Optional[np.ndarray] = None, iterations: int = 5,
+                         progress: Optional[Callable[[str], None]] = None) -> tuple[LocalSearch, list]:
+    """Empirical-Bayes origin prior: ``σ_shift`` re-estimated from the particles.
+
+    Each iteration searches ``rows`` (default all) around ``data``'s poses with
+    the current prior and sets ``σ_shift² = mean_i (|d̄_i|²/2 + sd_i²)``, the
+    posterior mean of the squared origin correction per axis (``d̄`` the
+    posterior mean, ``sd`` the posterior SD per axis): the EM update of a
+    Gaussian prior's variance, which climbs the particles' marginal likelihood
+    ``Σ log_evidence``. A user rarely knows the origin error of a consensus
+    refinement; measured on an 85/15 set (4000 particles, SNR 0.02, simulated
+    0.5 px per axis, σ_ang 2°), five iterations went 1 → 0.50 px and 2 → 0.51 px.
+    ``σ_ang`` stays as given: its EM estimate kept falling below the simulated
+    2° (1.6° after five iterations) and 1.5° classified worse than 2°
+    (ARI 0.853 against 0.859). The estimate is kept above a tenth of a working
+    pixel (exact poses would shrink it towards zero).
+
+    Returns:
+        ``(search with the estimated σ_shift, [σ_shift (Å) after each iteration])``.
+    """
+    rows = np.arange(len(data)) if rows is None else np.asarray(rows)
+    floor = 0.1 * data.pixel_size_A  # a tenth of a working pixel: finer errors do not change the scores
+    history = []
+    for it in range(iterations):
+        upd = refine_poses(data, reference, sigma2, search, rows=rows)
+        second = (upd.delta_origin_A ** 2).sum(1) / 2 + upd.shift_sd_A ** 2
+        total, count = (np.asarray(data.sum_over_ranks(np.array([second.sum(), len(second)]))) if data.sharded
+                        else (second.sum(), len(second)))
+        sigma = max(float(np.sqrt(total / max(count, 1))), floor)
+        search = replace(search, sigma_shift_A=sigma)
+        history.append(sigma)
+        if progress:
+            progress(f"origin prior, iteration {it + 1}: σ_shift {sigma:.2f} Å")
+    return search, history
 
 
 def reference_scale(data: ParticleSpectra, reference: np.ndarray, rows: Optional[np.ndarray] = None,

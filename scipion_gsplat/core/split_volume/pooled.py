@@ -69,7 +69,7 @@ class PooledResult:
     #: eigenvolume; class ``k`` map = consensus + mean_k · eigenvolume) and fractions
     class_means: Optional[np.ndarray] = None
     fractions: Optional[np.ndarray] = None
-    #: how ``probabilities`` were made: ``mixture`` or ``evidence`` (:func:`evidence_probabilities`)
+    #: how ``probabilities`` were made: ``mixture`` or ``evidence`` (:func:`.evidence.evidence_classes`)
     classifier: str = "mixture"
 
 
@@ -272,17 +272,20 @@ def two_class_mixture(coord: np.ndarray, sensitivity: np.ndarray, seed: int = 0,
 def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
                  lowpass_A: float = 8.0, n_iter: int = 15, seed: int = 0,
                  progress: Optional[Callable[[str], None]] = None, without_shifts: bool = False,
-                 search=None, search_data: Optional[ParticleSpectra] = None) -> PooledResult:
+                 search=None, search_data: Optional[ParticleSpectra] = None, evidence_iterations: int = 1,
+                 evidence_lowpass_A: float = 6.0) -> PooledResult:
     """Eigenvolume of all particles, coordinates, mixture classes, half-set support.
 
     ``without_shifts``: the residuals lose their component along the
     consensus projection's origin derivatives (:class:`_Residuals`), which
     origin errors fill. ``search`` (a :class:`..poses.local_search.LocalSearch`):
-    the classes of all particles come from :func:`evidence_probabilities`
+    the classes of all particles come from :func:`.evidence.evidence_classes`
     instead of the mixture (the half sets' stay the mixture's), the poses
     searched around those of ``search_data`` (default ``data``): the same
     particles at their input poses, so that the search's prior is the one the
-    consensus pose refinement started from."""
+    consensus pose refinement started from; ``evidence_iterations`` rounds
+    re-estimate the class difference from the posteriors, at
+    ``evidence_lowpass_A`` Å."""
     sigma2 = noise_spectrum(data, consensus, progress=progress)
     v, (coord, sens) = eigenvolume(data, consensus, mask, sigma2, lowpass_A, None, n_iter, seed, progress,
                                    without_shifts=without_shifts)
@@ -297,41 +300,12 @@ def pooled_split(data: ParticleSpectra, consensus: np.ndarray, mask: np.ndarray,
         res = _mixture_split(v, coord, sens, halves, half, agreement, seed)
     if search is None:
         return res
-    prob = evidence_probabilities(data if search_data is None else search_data, consensus, v, res.class_means,
-                                  res.fractions, sigma2, search, progress)
+    from .evidence import evidence_classes
+    ev = evidence_classes(data, data if search_data is None else search_data, consensus, mask, v,
+                          res.class_means, res.fractions, sigma2, search, evidence_iterations,
+                          evidence_lowpass_A, progress)
+    prob = ev.probabilities
     return replace(res, probabilities=prob, classes=np.argmax(prob, 1) + 1, classifier="evidence")
-
-
-def evidence_probabilities(data: ParticleSpectra, consensus: np.ndarray, v: np.ndarray, means: np.ndarray,
-                           fractions: np.ndarray, sigma2: np.ndarray, search,
-                           progress: Optional[Callable[[str], None]] = None) -> np.ndarray:
-    """Class probabilities ``(N, 2)`` from each particle's marginal likelihood
-    under the two class maps ``consensus + means[k]·v``, its pose searched
-    locally around the current one (:func:`..poses.local_search.refine_poses`,
-    its ``log_evidence``), with the class ``fractions`` as prior.
-
-    The mixture scores a particle at one pose, refined against the consensus
-    map, which a particle of the minority state fits worse; here each class
-    map finds its own best poses and the likelihood is summed over them, as in
-    RELION's Class3D expectation step. ``data``'s poses are the centre of the
-    search: the input poses (the consensus pose refinement's starting point,
-    with the same ``search`` prior) rather than the refined ones, which the
-    consensus map has pulled towards the majority state. Measured on six 85/15
-    compositional sets (4000 particles, SNR 0.02, 2° / 0.5 px errors, ``σ``
-    2° / 1 px) against the mixture: ARI 0.811 → 0.821 around the refined poses
-    → 0.824 around the input poses on average, not lower on any set; with the
-    simulated origin error as ``σ`` (0.5 px) 0.837, where the same rule with
-    the two true maps and the true 85/15 prior gives 0.857. Two more local
-    searches, each about as long as the consensus pose refinement."""
-    from ..poses.local_search import refine_poses
-    log_ev = []
-    for k in range(2):
-        if progress:
-            progress(f"local-pose evidence under class map {k + 1}")
-        log_ev.append(refine_poses(data, consensus + float(means[k]) * v, sigma2, search,
-                                   progress=progress).log_evidence)
-    logp = np.stack(log_ev, 1) + np.log(np.clip(np.asarray(fractions, float), 1e-6, 1.0))[None]
-    return softmax(logp, axis=1)
 
 
 def _gathered_split(data: ParticleSpectra, v, coord, sens, half, agreement, seed) -> PooledResult:

@@ -195,6 +195,23 @@ def refine_consensus_poses(data: ParticleSpectra, search, rounds: int = 1,
     return out, consensus, shift
 
 
+def estimate_origin_prior(data: ParticleSpectra, search, max_particles: int = 1000, iterations: int = 5,
+                          progress: Optional[Callable[[str], None]] = None):
+    """The search with its origin prior ``σ_shift`` estimated from the particles
+    (:func:`..poses.local_search.estimate_shift_prior`): one consensus pose
+    refinement with the given prior makes the reference, then up to
+    ``max_particles`` particles (every k-th of the input) are searched around their input
+    poses ``iterations`` times. Returns ``(search, [σ_shift (Å) per iteration])``."""
+    from ..poses.local_search import estimate_shift_prior
+    out, reference, _ = refine_consensus_poses(data, search, 1, progress=progress)
+    sigma2 = noise_spectrum(out, reference, progress=progress)
+    del out
+    step = max(1, -(-data.count() // max_particles))
+    start = data.gather_rows(np.zeros(len(data)))[1].start  # this rank's first row in the input order
+    rows = np.flatnonzero((start + np.arange(len(data))) % step == 0)  # the same particles for any rank count
+    return estimate_shift_prior(data, reference, sigma2, search, rows, iterations, progress=progress)
+
+
 def refine_two_classes(data: ParticleSpectra, init_prob: np.ndarray, n_iter: int = 8,
                        soft: bool = True, max_res_A: Optional[float] = None,
                        consensus: Optional[np.ndarray] = None, tol: float = 1e-3,
