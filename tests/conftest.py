@@ -148,7 +148,8 @@ def gui_runs(tmp_path_factory, sim_pair, sim_small, sim_motion):
             return launch_and_wait(proj, prot, timeout=900)
 
         runs["split"] = child(ProtGsplatSplitVolume, runs["pair"], "split volume", mode=MODE_GRAPH_REFINE,
-                              angularSampling=10.0, refineIterations=4, numberOfThreads=2)
+                              angularSampling=10.0, refineIterations=4, numberOfThreads=2,
+                              sigmaAng=0.0)  # exact poses: kept (the pose search is tested on the programs)
         runs["splat"] = child(ProtGsplatReconstructSplat, runs["small"], "gaussian splat", nGaussians=300,
                               iterations=2, batchSize=32, doHalves=True, numberOfThreads=1)
         runs["het"] = child(ProtGsplatGmmHeterogeneity, runs["motion"], "gmm heterogeneity", nGaussians=400,

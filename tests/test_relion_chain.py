@@ -65,7 +65,8 @@ def layout_particles(project, sim_pair, tmp_path_factory):
 def our_split(project, layout_particles):
     from scipion_gsplat.protocols import ProtGsplatSplitVolume
     from scipion_gsplat.protocols.protocol_split_volume import MODE_POOLED
-    prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_POOLED, refineIterations=2, numberOfThreads=1)
+    prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_POOLED, refineIterations=2, numberOfThreads=1,
+                               sigmaAng=0.0)  # exact poses: kept (the pose search is tested on the programs)
     prot.inputParticles.set(layout_particles)
     prot.inputParticles.setExtended("outputParticles")
     return launch_and_wait(project, prot, timeout=900)
@@ -182,7 +183,8 @@ def test_split_volume_on_relion_classes_keeps_their_labels(project, relion_class
     carries RELION's class of every particle; the run completes."""
     from scipion_gsplat.protocols import ProtGsplatSplitVolume
     from scipion_gsplat.protocols.protocol_split_volume import MODE_POOLED
-    prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_POOLED, refineIterations=1, numberOfThreads=1)
+    prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_POOLED, refineIterations=1, numberOfThreads=1,
+                               sigmaAng=0.0)  # exact poses: kept
     prot.inputParticles.set(relion_classes)
     prot.inputParticles.setExtended("outputClasses")
     launch_and_wait(project, prot, timeout=900)

@@ -58,9 +58,11 @@ def test_thesis_weights(classified, sim_pair, tmp_path):
 
 
 def test_refinement_from_the_graph(classified, sim_pair):
+    """(The simulated poses are exact: kept with --sigma-ang 0 here and below; the
+    pose search is tested in test_split_volume_poses.py.)"""
     out = classified / "refine"
     assert refine_classes.run(["-i", str(classified / "graph" / "particles.star"), "-o", str(out),
-                               "--iterations", "4", "--device", "cpu"]) == 0
+                               "--iterations", "4", "--device", "cpu", "--sigma-ang", "0"]) == 0
     assert accuracy(_classes(out / "particles.star"), _truth(sim_pair)) > 0.98
     assert (out / "class1.mrc").exists() and (out / "class2.mrc").exists()
     summary = io.read_star_table(out / "summary.star", "summary")
@@ -78,7 +80,7 @@ def test_column_split_without_refinement_is_kept(classified, tmp_path):
 def test_pooled_detector(sim_pair, tmp_path):
     assert refine_classes.run(["-i", str(sim_pair / "particles.star"), "-o", str(tmp_path),
                                "--init", "pooled", "--iterations", "0", "--eigen-iterations", "6",
-                               "--device", "cpu"]) == 0
+                               "--device", "cpu", "--sigma-ang", "0"]) == 0
     assert accuracy(_classes(tmp_path / "particles.star"), _truth(sim_pair)) > 0.95
     agreement = io.read_star_table(tmp_path / "summary.star", "summary")["rlnGsplatPooledHalfAgreement"]
     assert float(agreement.iloc[0]) > 0.8
@@ -88,7 +90,7 @@ def test_both_starts_keep_the_supported_pooled_split(classified, sim_pair):
     out = classified / "both"
     assert refine_classes.run(["-i", str(classified / "graph" / "particles.star"), "-o", str(out),
                                "--init", "both", "--iterations", "2", "--eigen-iterations", "6",
-                               "--choose", "support"]) == 0
+                               "--choose", "support", "--sigma-ang", "0"]) == 0
     summary = io.read_star_table(out / "summary.star", "summary")
     assert summary["rlnGsplatStartedFrom"].iloc[0] == "pooled"
     assert float(summary["rlnGsplatAgreementBetweenStarts"].iloc[0]) > 0.95
@@ -97,7 +99,7 @@ def test_both_starts_keep_the_supported_pooled_split(classified, sim_pair):
     # with --refine-pooled both starts are refined and the likelier one is kept
     assert refine_classes.run(["-i", str(classified / "graph" / "particles.star"), "-o", str(out / "r"),
                                "--init", "both", "--iterations", "2", "--eigen-iterations", "6",
-                               "--refine-pooled"]) == 0
+                               "--refine-pooled", "--sigma-ang", "0"]) == 0
     summary = io.read_star_table(out / "r" / "summary.star", "summary")
     assert np.isfinite(float(summary["rlnGsplatTotalLoglik"].iloc[0]))
     assert accuracy(_classes(out / "r" / "particles.star"), _truth(sim_pair)) > 0.95

@@ -55,7 +55,7 @@ def test_split_volume_resumes_after_a_kill(project, pair_particles):
     from scipion_gsplat.protocols import ProtGsplatSplitVolume
     from scipion_gsplat.protocols.protocol_split_volume import MODE_GRAPH_REFINE
     prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_GRAPH_REFINE, angularSampling=10.0,
-                               refineIterations=2, numberOfThreads=1)
+                               refineIterations=2, numberOfThreads=1, sigmaAng=0.0)
     prot.inputParticles.set(pair_particles)
     prot.inputParticles.setExtended("outputParticles")
     project.launchProtocol(prot, wait=False)
@@ -80,7 +80,7 @@ def test_split_volume_three_classes_stops_when_unsupported(project, pair_particl
     from scipion_gsplat.protocols import ProtGsplatSplitVolume
     from scipion_gsplat.protocols.protocol_split_volume import MODE_POOLED
     prot = project.newProtocol(ProtGsplatSplitVolume, mode=MODE_POOLED, numberOfClasses=3,
-                               refineIterations=2, numberOfThreads=2)
+                               refineIterations=2, numberOfThreads=2, sigmaAng=0.0)  # exact poses: kept
     prot.inputParticles.set(pair_particles)
     prot.inputParticles.setExtended("outputParticles")
     launch_and_wait(project, prot, timeout=900)
