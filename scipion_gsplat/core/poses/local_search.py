@@ -398,8 +398,7 @@ def estimate_shift_prior(data: ParticleSpectra, reference: np.ndarray, sigma2: n
     for it in range(iterations):
         upd = refine_poses(data, reference, sigma2, search, rows=rows)
         second = (upd.delta_origin_A ** 2).sum(1) / 2 + upd.shift_sd_A ** 2
-        total, count = (np.asarray(data.sum_over_ranks(np.array([second.sum(), len(second)]))) if data.sharded
-                        else (second.sum(), len(second)))
+        total, count = data.sum_over_ranks(np.array([second.sum(), len(second)]))  # unchanged with one process
         sigma = max(float(np.sqrt(total / max(count, 1))), floor)
         search = replace(search, sigma_shift_A=sigma)
         history.append(sigma)
